@@ -1,0 +1,230 @@
+#pragma once
+/// @file numa_pool_allocator.hpp
+/// @brief One big mapping, optionally bound to a NUMA node, carved into exact-size slabs.
+
+#include <sys/mman.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <string>
+#include <unordered_map>
+#include <utility>
+
+#ifdef KVORTEX_WITH_NUMA
+#include <numa.h>
+#include <numaif.h>
+#endif
+
+#include "kvortex/concepts/allocator.hpp"
+#include "kvortex/config.hpp"
+#include "kvortex/detail/align.hpp"
+#include "kvortex/error.hpp"
+
+namespace kvortex {
+
+namespace detail {
+
+/// The mapping and its slab bookkeeping; lives behind a pointer so the allocator moves cheaply.
+class slab_region {
+ public:
+  slab_region(std::byte* base, std::size_t mapped, std::size_t usable, int node) noexcept
+      : base_(base), mapped_(mapped), usable_(usable), node_(node) {}
+  slab_region(const slab_region&) = delete;
+  slab_region& operator=(const slab_region&) = delete;
+  ~slab_region() { ::munmap(base_, mapped_); }
+
+  [[nodiscard]] result<void*> allocate(std::size_t n) {
+    if (n == 0) return fail(errc::invalid_argument, "numa_pool_allocator: cannot allocate 0 bytes");
+    const std::size_t cls = round_up(n, cache_line);
+    if (cls == 0 || cls > usable_)
+      return fail(errc::out_of_memory, "numa_pool_allocator: " + std::to_string(n) +
+                                           " bytes exceed the pool's " + std::to_string(usable_));
+    std::unique_lock lock(mutex_);
+    auto it = classes_.find(cls);
+    if (it != classes_.end() && it->second != nullptr) {
+      free_block* b = it->second;
+      it->second = b->next;
+      lock.unlock();
+      reserved_.fetch_add(n, std::memory_order_relaxed);
+      return static_cast<void*>(b);
+    }
+    if (usable_ - carved_ < cls)
+      return fail(errc::out_of_memory, "numa_pool_allocator: pool of " + std::to_string(usable_) +
+                                           " bytes has no free slab of " + std::to_string(cls) + " bytes");
+    if (it == classes_.end()) {
+      // Created here, never in deallocate, so giving a block back cannot allocate.
+      try {
+        classes_.emplace(cls, nullptr);
+      } catch (const std::bad_alloc&) {
+        return fail(errc::out_of_memory, "numa_pool_allocator: no memory for a size class");
+      }
+    }
+    void* p = base_ + carved_;
+    carved_ += cls;
+    lock.unlock();
+    reserved_.fetch_add(n, std::memory_order_relaxed);
+    return p;
+  }
+
+  void deallocate(void* p, std::size_t n) noexcept {
+    if (p == nullptr) return;
+    const std::size_t cls = round_up(n, cache_line);
+    {
+      std::lock_guard lock(mutex_);
+      auto it = classes_.find(cls);
+      // A block of a size never allocated cannot be ours; dropping it keeps the lists sound.
+      if (it == classes_.end()) return;
+      auto* b = ::new (p) free_block{it->second};
+      it->second = b;
+    }
+    reserved_.fetch_sub(n, std::memory_order_relaxed);
+  }
+
+  [[nodiscard]] std::size_t bytes_reserved() const noexcept { return reserved_.load(std::memory_order_relaxed); }
+  [[nodiscard]] std::size_t bytes_carved() const noexcept {
+    std::lock_guard lock(mutex_);
+    return carved_;
+  }
+  [[nodiscard]] std::size_t capacity() const noexcept { return usable_; }
+  [[nodiscard]] int node() const noexcept { return node_; }
+  [[nodiscard]] const std::byte* base() const noexcept { return base_; }
+
+ private:
+  // A free slab's first bytes link it into its class's list.
+  struct free_block {
+    free_block* next;
+  };
+
+  std::byte* base_;
+  std::size_t mapped_;
+  std::size_t usable_;
+  int node_;
+  mutable std::mutex mutex_;
+  std::size_t carved_{0};
+  std::unordered_map<std::size_t, free_block*> classes_;
+  std::atomic<std::size_t> reserved_{0};
+};
+
+}  // namespace detail
+
+/// @brief A fixed pool of host memory: one anonymous mapping of the configured capacity,
+/// 2 MiB aligned and advised to use transparent huge pages, bound to a NUMA node when asked.
+///
+/// Blocks are exact-size slabs: each size (rounded up to 64 bytes) has its own free list, and new
+/// slabs are cut from the unused end of the mapping. A freed slab only serves its own size, so a
+/// workload of fixed chunk sizes (one per namespace) never fragments: after warm-up the pool stops
+/// growing. Space a size class once took is not given to another size. `allocate` fails with
+/// `errc::out_of_memory` when the size's free list is empty and the unused end is too short.
+///
+/// Binding: with `KVORTEX_WITH_NUMA` defined (libnuma linked), `numa_available() >= 0` and a node
+/// `>= 0`, the mapping is bound to that node with `mbind(MPOL_BIND)` before any page is touched.
+/// Otherwise, or if the kernel refuses (no such node, no permission), the mapping is left to the
+/// kernel's default policy; `numa_bound()` and `node()` say which happened.
+///
+/// Pages are committed on first touch (`MAP_NORESERVE`), so a large pool costs nothing until used.
+/// Thread-safe (one mutex). Move-only; the destructor unmaps, so every block must be given back
+/// (or abandoned) before it runs.
+class numa_pool_allocator {
+ public:
+  /// @brief A pool of `engine_config::capacity_bytes` on `engine_config::numa_node`.
+  /// @return `errc::invalid_config` for a zero capacity, `errc::out_of_memory` if mapping fails.
+  [[nodiscard]] static result<numa_pool_allocator> create(const engine_config& cfg) {
+    if (cfg.capacity_bytes == 0) return fail(errc::invalid_config, "numa_pool_allocator: capacity_bytes is 0");
+    return create(cfg.capacity_bytes, cfg.numa_node);
+  }
+
+  /// @brief A pool of `bytes` on NUMA node `node` (-1: no binding).
+  [[nodiscard]] static result<numa_pool_allocator> create(std::size_t bytes, int node = -1) {
+    if (bytes == 0) return fail(errc::invalid_config, "numa_pool_allocator: capacity is 0 bytes");
+    const std::size_t usable = detail::round_up(bytes, detail::cache_line);
+    // Over-map by one huge page so the start can be moved to a 2 MiB boundary.
+    const std::size_t span = detail::round_up(usable, detail::huge_page);
+    if (usable == 0 || span == 0 || span > SIZE_MAX - detail::huge_page)
+      return fail(errc::out_of_memory, "numa_pool_allocator: " + std::to_string(bytes) + " bytes cannot be mapped");
+    const std::size_t over = span + detail::huge_page;
+    void* raw = ::mmap(nullptr, over, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (raw == MAP_FAILED)
+      return fail(errc::out_of_memory, "numa_pool_allocator: mmap of " + std::to_string(over) +
+                                           " bytes failed: " + std::strerror(errno));
+    auto* const lo = static_cast<std::byte*>(raw);
+    const auto addr = reinterpret_cast<std::uintptr_t>(lo);
+    auto* const base = lo + (detail::round_up(addr, detail::huge_page) - addr);
+    if (base != lo) ::munmap(lo, static_cast<std::size_t>(base - lo));
+    if (auto* const end = base + span; end != lo + over) ::munmap(end, static_cast<std::size_t>(lo + over - end));
+#ifdef MADV_HUGEPAGE
+    (void)::madvise(base, span, MADV_HUGEPAGE);
+#endif
+    const int bound = bind(base, span, node);
+    try {
+      return numa_pool_allocator(std::make_unique<detail::slab_region>(base, span, usable, bound));
+    } catch (const std::bad_alloc&) {
+      ::munmap(base, span);
+      return fail(errc::out_of_memory, "numa_pool_allocator: no memory for the pool's bookkeeping");
+    }
+  }
+
+  numa_pool_allocator(numa_pool_allocator&&) noexcept = default;
+  numa_pool_allocator& operator=(numa_pool_allocator&&) noexcept = default;
+  numa_pool_allocator(const numa_pool_allocator&) = delete;
+  numa_pool_allocator& operator=(const numa_pool_allocator&) = delete;
+  ~numa_pool_allocator() = default;
+
+  /// @brief A 64-byte aligned slab of `n` bytes (rounded up to 64 for its size class).
+  [[nodiscard]] result<void*> allocate(std::size_t n) {
+    if (!region_) return fail(errc::invalid_argument, "numa_pool_allocator: used after move");
+    return region_->allocate(n);
+  }
+
+  /// @brief Returns a slab from `allocate(n)` to the free list of its size.
+  void deallocate(void* p, std::size_t n) noexcept {
+    if (region_) region_->deallocate(p, n);
+  }
+
+  /// @brief Bytes currently handed out, as requested (not rounded).
+  [[nodiscard]] std::size_t bytes_reserved() const noexcept { return region_ ? region_->bytes_reserved() : 0; }
+  /// @brief Bytes ever cut from the pool into slabs (the high-water mark of the bump pointer).
+  [[nodiscard]] std::size_t bytes_carved() const noexcept { return region_ ? region_->bytes_carved() : 0; }
+  /// @brief Usable bytes of the pool.
+  [[nodiscard]] std::size_t capacity() const noexcept { return region_ ? region_->capacity() : 0; }
+  /// @brief Whether the mapping is bound to a NUMA node.
+  [[nodiscard]] bool numa_bound() const noexcept { return node() >= 0; }
+  /// @brief The node the mapping is bound to, or -1 when unbound.
+  [[nodiscard]] int node() const noexcept { return region_ ? region_->node() : -1; }
+  /// @brief Whether `p` points into the pool.
+  [[nodiscard]] bool owns(const void* p) const noexcept {
+    if (!region_) return false;
+    const auto a = reinterpret_cast<std::uintptr_t>(p);
+    const auto b = reinterpret_cast<std::uintptr_t>(region_->base());
+    return a >= b && a - b < region_->capacity();
+  }
+
+ private:
+  explicit numa_pool_allocator(std::unique_ptr<detail::slab_region> r) noexcept : region_(std::move(r)) {}
+
+  // The node the range ends up bound to, or -1.
+  static int bind([[maybe_unused]] void* p, [[maybe_unused]] std::size_t n, [[maybe_unused]] int node) noexcept {
+#ifdef KVORTEX_WITH_NUMA
+    if (node < 0 || numa_available() < 0 || node > numa_max_node()) return -1;
+    bitmask* mask = numa_allocate_nodemask();
+    if (mask == nullptr) return -1;
+    numa_bitmask_setbit(mask, static_cast<unsigned>(node));
+    const long rc = ::mbind(p, n, MPOL_BIND, mask->maskp, mask->size + 1, 0);
+    numa_free_nodemask(mask);
+    return rc == 0 ? node : -1;
+#else
+    return -1;
+#endif
+  }
+
+  std::unique_ptr<detail::slab_region> region_;
+};
+
+static_assert(allocator<numa_pool_allocator>, "numa_pool_allocator does not satisfy kvortex::allocator");
+
+}  // namespace kvortex

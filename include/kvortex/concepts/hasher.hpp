@@ -1,0 +1,36 @@
+#pragma once
+/// @file hasher.hpp
+/// @brief The `hasher` concept: how token chunks become chained keys.
+
+#include <concepts>
+#include <cstddef>
+#include <span>
+#include <string_view>
+
+#include "kvortex/types.hpp"
+
+namespace kvortex {
+
+/// @brief Turns a namespace seed and token chunks into a chain of `chunk_key`s:
+/// `key_0 = root(seed)`, `key_i = chain(key_{i-1}, tokens of chunk i)`.
+///
+/// Required expressions, for `const H& h`, `std::span<const std::byte> seed`,
+/// `const chunk_key& parent`, `std::span<const token_id> tokens`:
+/// - `h.root(seed) -> chunk_key`: the chain's root for a serialized namespace.
+/// - `h.chain(parent, tokens) -> chunk_key`: digest of the parent's 32 bytes followed by the
+///   tokens' bytes (little-endian 32-bit). Equal inputs give equal keys in every process.
+/// - `H::name -> std::string_view`: a stable name, e.g. "sha256".
+///
+/// Semantics: `root` and `chain` are `const` and safe to call from many threads at once; they do
+/// not fail (a hasher that cannot be set up fails in `create`). Shorter digests fill the leading
+/// bytes of the key and zero the rest.
+template <class H>
+concept hasher = std::move_constructible<H> &&
+                 requires(const H& h, std::span<const std::byte> seed, const chunk_key& parent,
+                          std::span<const token_id> tokens) {
+                   { h.root(seed) } -> std::same_as<chunk_key>;
+                   { h.chain(parent, tokens) } -> std::same_as<chunk_key>;
+                   { H::name } -> std::convertible_to<std::string_view>;
+                 };
+
+}  // namespace kvortex

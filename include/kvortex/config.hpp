@@ -1,0 +1,89 @@
+#pragma once
+/// @file config.hpp
+/// @brief Engine configuration: the namespace that isolates keys, the model's KV geometry, limits.
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "kvortex/error.hpp"
+
+namespace kvortex {
+
+/// @brief Everything that makes two KV caches incompatible. It seeds the root of every key chain,
+/// so two models, dtypes, layouts or tensor-parallel ranks can never share a key.
+struct kv_namespace {
+  std::string model_id;                ///< e.g. "meta-llama/Llama-3.1-8B"
+  std::string dtype{"bfloat16"};       ///< element type of the cache
+  std::string layout{"kv_2ltd"};       ///< the engine-side KV layout family
+  std::uint32_t tp_rank{0};            ///< this process's tensor-parallel rank
+  std::uint32_t tp_size{1};            ///< tensor-parallel world size
+  std::string cache_salt;              ///< optional: isolates tenants or adapters sharing a model
+};
+
+/// @brief Shape of one token's KV across all layers. A stored chunk holds
+/// `[layer][plane][token][kv_heads * head_dim]` elements: two planes (K, V), or one for MLA.
+struct kv_geometry {
+  std::uint32_t num_layers{0};
+  std::uint32_t kv_planes{2};          ///< 2 for K and V; 1 for MLA's joint latent
+  std::uint32_t kv_heads{0};           ///< heads held by this rank
+  std::uint32_t head_dim{0};           ///< elements per head (576 for DeepSeek MLA)
+  std::uint32_t element_bytes{2};      ///< 2 for fp16/bf16, 1 for fp8, 4 for fp32
+
+  /// @brief Bytes of one token's row in one layer and plane.
+  [[nodiscard]] constexpr std::size_t row_bytes() const noexcept {
+    return std::size_t{kv_heads} * head_dim * element_bytes;
+  }
+  /// @brief Bytes of one token across all layers and planes.
+  [[nodiscard]] constexpr std::size_t token_bytes() const noexcept {
+    return row_bytes() * kv_planes * num_layers;
+  }
+  friend constexpr bool operator==(const kv_geometry&, const kv_geometry&) = default;
+};
+
+/// @brief How an engine is built. `validate()` is called by `create()`.
+struct engine_config {
+  kv_namespace ns;
+  kv_geometry geometry;
+  std::size_t capacity_bytes{0};       ///< hard limit on bytes held, reserved chunks included
+  std::size_t chunk_tokens{256};       ///< tokens per stored chunk; a multiple of block_tokens
+  std::size_t block_tokens{16};        ///< the inference engine's page size in tokens
+  bool store_partial_chunks{false};    ///< also keep a prompt's trailing partial chunk
+  unsigned transfer_threads{0};        ///< host copy threads; 0 picks from the hardware
+  std::size_t parallel_copy_bytes{std::size_t{8} << 20};  ///< batches this large use the copy threads
+  int numa_node{-1};                   ///< node for host memory; -1 leaves it to the allocator
+
+  /// @brief Bytes of one full chunk.
+  [[nodiscard]] constexpr std::size_t chunk_bytes() const noexcept {
+    return geometry.token_bytes() * chunk_tokens;
+  }
+
+  /// @brief Checks every field; the error names the first bad one.
+  [[nodiscard]] result<void> validate() const {
+    const auto& g = geometry;
+    if (g.num_layers == 0) return fail(errc::invalid_config, "geometry.num_layers must be > 0");
+    if (g.kv_planes != 1 && g.kv_planes != 2)
+      return fail(errc::invalid_config, "geometry.kv_planes must be 1 (MLA) or 2 (K and V), got " +
+                                            std::to_string(g.kv_planes));
+    if (g.kv_heads == 0) return fail(errc::invalid_config, "geometry.kv_heads must be > 0");
+    if (g.head_dim == 0) return fail(errc::invalid_config, "geometry.head_dim must be > 0");
+    if (g.element_bytes != 1 && g.element_bytes != 2 && g.element_bytes != 4 && g.element_bytes != 8)
+      return fail(errc::invalid_config, "geometry.element_bytes must be 1, 2, 4 or 8, got " +
+                                            std::to_string(g.element_bytes));
+    if (block_tokens == 0) return fail(errc::invalid_config, "block_tokens must be > 0");
+    if (chunk_tokens == 0 || chunk_tokens % block_tokens != 0)
+      return fail(errc::invalid_config, "chunk_tokens (" + std::to_string(chunk_tokens) +
+                                            ") must be a positive multiple of block_tokens (" +
+                                            std::to_string(block_tokens) + ")");
+    if (ns.tp_size == 0 || ns.tp_rank >= ns.tp_size)
+      return fail(errc::invalid_config, "tp_rank (" + std::to_string(ns.tp_rank) +
+                                            ") must be below tp_size (" + std::to_string(ns.tp_size) + ")");
+    if (capacity_bytes < chunk_bytes())
+      return fail(errc::invalid_config, "capacity_bytes (" + std::to_string(capacity_bytes) +
+                                            ") is smaller than one chunk (" +
+                                            std::to_string(chunk_bytes()) + " bytes)");
+    return {};
+  }
+};
+
+}  // namespace kvortex

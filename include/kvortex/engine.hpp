@@ -1,0 +1,740 @@
+#pragma once
+/// @file engine.hpp
+/// @brief `basic_engine`: the prefix-keyed KV chunk store, composed from five policies.
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <concepts>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <span>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "kvortex/concepts.hpp"
+#include "kvortex/config.hpp"
+#include "kvortex/error.hpp"
+#include "kvortex/layout.hpp"
+#include "kvortex/stats.hpp"
+#include "kvortex/types.hpp"
+
+namespace kvortex {
+
+/// @brief One bit per key, as returned by `check_blocks`.
+class block_mask {
+ public:
+  block_mask() = default;
+  explicit block_mask(std::size_t n) : words_((n + 63) / 64), size_(n) {}
+  void set(std::size_t i) noexcept { words_[i / 64] |= std::uint64_t{1} << (i % 64); }
+  [[nodiscard]] bool test(std::size_t i) const noexcept { return (words_[i / 64] >> (i % 64)) & 1U; }
+  [[nodiscard]] std::size_t size() const noexcept { return size_; }
+  [[nodiscard]] std::size_t count() const noexcept {
+    std::size_t c = 0;
+    for (auto w : words_) c += static_cast<std::size_t>(std::popcount(w));
+    return c;
+  }
+  [[nodiscard]] bool all() const noexcept { return count() == size_; }
+  [[nodiscard]] bool none() const noexcept { return count() == 0; }
+  /// @brief Little-endian words: bit `i % 64` of word `i / 64` is key `i`.
+  [[nodiscard]] std::span<const std::uint64_t> words() const noexcept { return words_; }
+
+ private:
+  std::vector<std::uint64_t> words_;
+  std::size_t size_{0};
+};
+
+namespace detail {
+
+struct ticket_state {
+  std::mutex m;
+  std::condition_variable cv;
+  bool done{false};
+  result<std::size_t> value{0};
+  std::vector<copy_op> ops;  // owned here so they outlive the scheduler's use of them
+
+  void complete(result<std::size_t> r) {
+    {
+      std::lock_guard lk(m);
+      value = std::move(r);
+      done = true;
+    }
+    cv.notify_all();
+  }
+};
+
+/// Builds a policy: `P::create(cfg)`, else `P::create()`, else `P(cfg)`, else `P()`.
+template <class P>
+result<P> make_policy(const engine_config& cfg) {
+  if constexpr (requires { { P::create(cfg) } -> std::same_as<result<P>>; })
+    return P::create(cfg);
+  else if constexpr (requires { { P::create() } -> std::same_as<result<P>>; })
+    return P::create();
+  else if constexpr (std::constructible_from<P, const engine_config&>)
+    return result<P>(std::in_place, cfg);
+  else
+    return result<P>(std::in_place);
+}
+
+/// True for schedulers that can copy to and from device memory.
+template <class S>
+concept reaches_device_memory = requires { requires S::reaches_device_memory; };
+
+inline void put_field(std::vector<std::byte>& out, const void* p, std::size_t n) {
+  const auto len = static_cast<std::uint64_t>(n);
+  const auto* lb = reinterpret_cast<const std::byte*>(&len);
+  out.insert(out.end(), lb, lb + sizeof len);
+  const auto* b = static_cast<const std::byte*>(p);
+  out.insert(out.end(), b, b + n);
+}
+
+/// Length-prefixed serialization of everything that must separate two key spaces.
+inline std::vector<std::byte> namespace_seed(const engine_config& c) {
+  std::vector<std::byte> out;
+  const auto str = [&](const std::string& s) { put_field(out, s.data(), s.size()); };
+  const auto num = [&](std::uint64_t v) { put_field(out, &v, sizeof v); };
+  str("kvortex/1");
+  str(c.ns.model_id);
+  str(c.ns.dtype);
+  str(c.ns.layout);
+  num(c.ns.tp_rank);
+  num(c.ns.tp_size);
+  str(c.ns.cache_salt);
+  num(c.geometry.num_layers);
+  num(c.geometry.kv_planes);
+  num(c.geometry.kv_heads);
+  num(c.geometry.head_dim);
+  num(c.geometry.element_bytes);
+  num(c.chunk_tokens);
+  return out;
+}
+
+using clock = std::chrono::steady_clock;
+inline std::uint64_t elapsed_ns(clock::time_point t0) {
+  return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(clock::now() - t0).count());
+}
+
+}  // namespace detail
+
+/// @brief A handle on an asynchronous store or retrieve. Copies share the same operation.
+class transfer_ticket {
+ public:
+  transfer_ticket() = default;
+  /// @brief True once the transfer finished (successfully or not); never blocks.
+  [[nodiscard]] bool ready() const {
+    if (!s_) return true;
+    std::lock_guard lk(s_->m);
+    return s_->done;
+  }
+  /// @brief Blocks until the transfer finished; returns the tokens stored or retrieved.
+  [[nodiscard]] result<std::size_t> wait() const {
+    if (!s_) return fail(errc::invalid_argument, "wait() on an empty transfer_ticket");
+    std::unique_lock lk(s_->m);
+    s_->cv.wait(lk, [&] { return s_->done; });
+    return s_->value;
+  }
+
+ private:
+  template <allocator, hasher, eviction_policy, class B, transfer_scheduler>
+  friend class basic_engine;
+  explicit transfer_ticket(std::shared_ptr<detail::ticket_state> s) : s_(std::move(s)) {}
+  std::shared_ptr<detail::ticket_state> s_;
+};
+
+/// @brief The KV chunk store.
+///
+/// Token API: `lookup`, `store`, `retrieve` address chunks by token prefix; key API:
+/// `save_blocks`, `load_blocks`, `check_blocks` address them by `chunk_key`. All members are
+/// thread-safe. Capacity is a hard limit; chunks an in-flight transfer uses are never evicted;
+/// concurrent stores of one key write it once. The engine is movable; a moved-from engine
+/// answers every call with `errc::shut_down`.
+///
+/// @tparam Allocator host memory for chunks (`allocator`)
+/// @tparam Hasher chunk key chaining (`hasher`)
+/// @tparam EvictionPolicy victim order (`eviction_policy`)
+/// @tparam Backend where chunk bytes live (`backend<Backend, Allocator>`)
+/// @tparam TransferScheduler who copies (`transfer_scheduler`)
+template <allocator Allocator, hasher Hasher, eviction_policy EvictionPolicy, class Backend,
+          transfer_scheduler TransferScheduler>
+class basic_engine {
+  static_assert(backend<Backend, Allocator>, "Backend does not satisfy kvortex::backend<Backend, Allocator>");
+
+ public:
+  using allocator_type = Allocator;
+  using hasher_type = Hasher;
+  using eviction_policy_type = EvictionPolicy;
+  using backend_type = Backend;
+  using transfer_scheduler_type = TransferScheduler;
+
+  /// @brief Validates `cfg` and builds every policy from it (see `detail::make_policy`).
+  [[nodiscard]] static result<basic_engine> create(const engine_config& cfg) {
+    if (auto v = cfg.validate(); !v) return std::unexpected(v.error());
+    auto a = detail::make_policy<Allocator>(cfg);
+    if (!a) return std::unexpected(a.error());
+    auto h = detail::make_policy<Hasher>(cfg);
+    if (!h) return std::unexpected(h.error());
+    auto e = detail::make_policy<EvictionPolicy>(cfg);
+    if (!e) return std::unexpected(e.error());
+    auto b = detail::make_policy<Backend>(cfg);
+    if (!b) return std::unexpected(b.error());
+    auto s = detail::make_policy<TransferScheduler>(cfg);
+    if (!s) return std::unexpected(s.error());
+    return create(cfg, std::move(*a), std::move(*h), std::move(*e), std::move(*b), std::move(*s));
+  }
+
+  /// @brief Validates `cfg` and takes the given policy instances.
+  [[nodiscard]] static result<basic_engine> create(const engine_config& cfg, Allocator a, Hasher h,
+                                                   EvictionPolicy e, Backend b, TransferScheduler s) {
+    if (auto v = cfg.validate(); !v) return std::unexpected(v.error());
+    basic_engine out;
+    out.s_ = std::make_unique<state>(cfg, std::move(a), std::move(h), std::move(e), std::move(b), std::move(s));
+    return out;
+  }
+
+  basic_engine(basic_engine&&) noexcept = default;
+  basic_engine& operator=(basic_engine&& o) noexcept {
+    if (this != &o) {
+      shutdown();
+      s_ = std::move(o.s_);
+    }
+    return *this;
+  }
+  ~basic_engine() { shutdown(); }
+
+  [[nodiscard]] const engine_config& config() const noexcept { return s_->cfg; }
+
+  /// @brief The chain of keys of `tokens`: one per full chunk, plus the trailing partial chunk when
+  /// `store_partial_chunks` is set.
+  [[nodiscard]] result<std::vector<chunk_key>> chunk_keys(std::span<const token_id> tokens) const {
+    if (!s_) return stopped_error("chunk_keys");
+    if (tokens.empty()) return fail(errc::invalid_argument, "chunk_keys: empty token list");
+    std::vector<chunk_key> keys;
+    keys.reserve(chunk_count(tokens.size()));
+    chunk_key k = s_->root;
+    for (std::size_t i = 0, n = chunk_count(tokens.size()); i < n; ++i) {
+      k = s_->hasher.chain(k, chunk_tokens_of(tokens, i));
+      keys.push_back(k);
+    }
+    return keys;
+  }
+
+  /// @brief How many leading tokens of `tokens` are stored: walks the chunk chain and stops at the
+  /// first chunk that is missing or still being written. Does not change eviction order.
+  [[nodiscard]] result<std::size_t> lookup(std::span<const token_id> tokens) const {
+    if (!s_) return stopped_error("lookup");
+    if (tokens.empty()) return fail(errc::invalid_argument, "lookup: empty token list");
+    const auto t0 = detail::clock::now();
+    auto& st = *s_;
+    if (st.stopped.load(std::memory_order_acquire)) return stopped_error("lookup");
+    const std::size_t n = chunk_count(tokens.size());
+    std::size_t hit = 0, hit_tokens = 0;
+    chunk_key k = st.root;
+    for (; hit < n; ++hit) {
+      const auto chunk = chunk_tokens_of(tokens, hit);
+      k = st.hasher.chain(k, chunk);
+      std::shared_lock lk(st.mu);
+      const auto it = st.index.find(k);
+      if (it == st.index.end() || !it->second.ready || it->second.bytes != chunk_bytes(chunk.size())) break;
+      hit_tokens += chunk.size();
+    }
+    st.lookups.fetch_add(1, std::memory_order_relaxed);
+    st.hit_chunks.fetch_add(hit, std::memory_order_relaxed);
+    st.miss_chunks.fetch_add(n - hit, std::memory_order_relaxed);
+    st.hit_tokens.fetch_add(hit_tokens, std::memory_order_relaxed);
+    st.queried_tokens.fetch_add(tokens.size(), std::memory_order_relaxed);
+    st.lookup_latency.record(detail::elapsed_ns(t0));
+    return hit_tokens;
+  }
+
+  /// @brief Copies the KV of `tokens` out of `src` into the store, chunk by chunk. Chunks already
+  /// present or in flight are skipped; if capacity runs out, the chunks after the first that cannot
+  /// be placed are dropped (they would be unreachable). The ticket yields the tokens newly written.
+  /// Tokens beyond the last full chunk are kept only with `store_partial_chunks`.
+  /// @param block_table physical block of each logical block of `src`; empty means identity.
+  [[nodiscard]] result<transfer_ticket> store(std::span<const token_id> tokens, const kv_layout& src,
+                                              std::span<const std::int32_t> block_table = {}) {
+    if (!s_) return stopped_error("store");
+    const auto t0 = detail::clock::now();
+    if (tokens.empty()) return fail(errc::invalid_argument, "store: empty token list");
+    if (auto v = check_layout(src, "store"); !v) return std::unexpected(v.error());
+    const std::size_t n = chunk_count(tokens.size());
+    const std::size_t covered = covered_tokens(tokens.size());
+    if (covered > 0)
+      if (auto v = src.check_table(block_table, covered); !v) return std::unexpected(v.error());
+    auto keys = chunk_keys(tokens);
+    if (!keys) return std::unexpected(keys.error());
+    std::vector<std::size_t> sizes(n);
+    for (std::size_t i = 0; i < n; ++i) sizes[i] = chunk_bytes(chunk_tokens_of(tokens, i).size());
+
+    auto res = reserve_all(*keys, sizes, "store");
+    if (!res) return std::unexpected(res.error());
+    auto ts = std::make_shared<detail::ticket_state>();
+    std::size_t new_tokens = 0;
+    for (const auto& r : *res) {
+      const std::size_t ntok = chunk_tokens_of(tokens, r.index).size();
+      src.append_copies(ts->ops, block_table, r.index * s_->cfg.chunk_tokens, ntok,
+                        s_->backend.data(r.handle).data(), /*to_chunk=*/true);
+      new_tokens += ntok;
+    }
+    submit_store(ts, std::move(*res), new_tokens, t0);
+    return transfer_ticket(ts);
+  }
+
+  /// @brief Copies the stored leading chunks of `tokens` into `dst`. The ticket yields how many
+  /// leading tokens were copied (0 on a full miss). The chunks stay pinned until it completes.
+  /// @param block_table physical block of each logical block of `dst`; it must address all of `tokens`.
+  [[nodiscard]] result<transfer_ticket> retrieve(std::span<const token_id> tokens, const kv_layout& dst,
+                                                 std::span<const std::int32_t> block_table = {}) {
+    if (!s_) return stopped_error("retrieve");
+    const auto t0 = detail::clock::now();
+    if (tokens.empty()) return fail(errc::invalid_argument, "retrieve: empty token list");
+    if (auto v = check_layout(dst, "retrieve"); !v) return std::unexpected(v.error());
+    if (auto v = dst.check_table(block_table, tokens.size()); !v) return std::unexpected(v.error());
+    auto keys = chunk_keys(tokens);
+    if (!keys) return std::unexpected(keys.error());
+    auto& st = *s_;
+    std::vector<pinned> pins;
+    {
+      std::unique_lock lk(st.mu);
+      if (st.stopped.load(std::memory_order_relaxed)) return stopped_error("retrieve");
+      for (std::size_t i = 0; i < keys->size(); ++i) {
+        const auto it = st.index.find((*keys)[i]);
+        if (it == st.index.end() || !it->second.ready ||
+            it->second.bytes != chunk_bytes(chunk_tokens_of(tokens, i).size()))
+          break;
+        ++it->second.pins;
+        st.eviction.on_access(it->first);
+        pins.push_back({it->first, it->second.handle, it->second.bytes});
+      }
+      if (!pins.empty()) ++st.in_flight;
+    }
+    st.hit_chunks.fetch_add(pins.size(), std::memory_order_relaxed);
+    st.miss_chunks.fetch_add(keys->size() - pins.size(), std::memory_order_relaxed);
+    auto ts = std::make_shared<detail::ticket_state>();
+    if (pins.empty()) {
+      ts->complete(std::size_t{0});
+      return transfer_ticket(ts);
+    }
+    std::size_t got = 0;
+    for (std::size_t i = 0; i < pins.size(); ++i) {
+      const std::size_t ntok = chunk_tokens_of(tokens, i).size();
+      dst.append_copies(ts->ops, block_table, i * st.cfg.chunk_tokens, ntok,
+                        st.backend.data(pins[i].handle).data(), /*to_chunk=*/false);
+      got += ntok;
+    }
+    submit_load(ts, std::move(pins), got, t0, &st.retrieve_latency);
+    return transfer_ticket(ts);
+  }
+
+  /// @brief Stores `sizes[i]` bytes at `ptrs[i]` under `keys[i]`; synchronous. Keys already
+  /// present are skipped. Returns how many keys were newly stored (fewer than asked only when
+  /// capacity ran out).
+  [[nodiscard]] result<std::size_t> save_blocks(std::span<const chunk_key> keys,
+                                                std::span<const std::byte* const> ptrs,
+                                                std::span<const std::size_t> sizes) {
+    if (!s_) return stopped_error("save_blocks");
+    const auto t0 = detail::clock::now();
+    if (auto v = check_key_args("save_blocks", keys.size(), ptrs, sizes); !v) return std::unexpected(v.error());
+    std::vector<std::size_t> sz(sizes.begin(), sizes.end());
+    auto res = reserve_all(keys, sz, "save_blocks");
+    if (!res) return std::unexpected(res.error());
+    auto ts = std::make_shared<detail::ticket_state>();
+    for (const auto& r : *res) ts->ops.push_back({ptrs[r.index], s_->backend.data(r.handle).data(), sizes[r.index]});
+    const std::size_t count = res->size();
+    submit_store(ts, std::move(*res), count, t0);
+    return transfer_ticket(ts).wait();
+  }
+
+  /// @brief Copies the blocks stored under `keys` to `ptrs`; synchronous. Fails with `not_found`
+  /// or `size_mismatch` before copying anything if any key is missing or has another size.
+  [[nodiscard]] result<void> load_blocks(std::span<const chunk_key> keys, std::span<std::byte* const> ptrs,
+                                         std::span<const std::size_t> sizes) {
+    if (!s_) return stopped_error("load_blocks");
+    const auto t0 = detail::clock::now();
+    if (auto v = check_key_args("load_blocks", keys.size(), ptrs, sizes); !v) return std::unexpected(v.error());
+    auto& st = *s_;
+    std::vector<pinned> pins;
+    pins.reserve(keys.size());
+    {
+      std::unique_lock lk(st.mu);
+      if (st.stopped.load(std::memory_order_relaxed)) return stopped_error("load_blocks");
+      for (std::size_t i = 0; i < keys.size(); ++i) {
+        const auto it = st.index.find(keys[i]);
+        std::optional<error> err;
+        if (it == st.index.end() || !it->second.ready)
+          err = error{errc::not_found, "load_blocks: key " + std::to_string(i) + " (" + keys[i].hex() + ") is not stored"};
+        else if (it->second.bytes != sizes[i])
+          err = error{errc::size_mismatch, "load_blocks: key " + std::to_string(i) + " holds " +
+                                               std::to_string(it->second.bytes) + " bytes, destination has " +
+                                               std::to_string(sizes[i])};
+        if (err) {
+          for (const auto& p : pins) --st.index.find(p.key)->second.pins;
+          st.miss_chunks.fetch_add(1, std::memory_order_relaxed);
+          return std::unexpected(std::move(*err));
+        }
+        ++it->second.pins;
+        pins.push_back({it->first, it->second.handle, it->second.bytes});
+      }
+      for (const auto& p : pins) st.eviction.on_access(p.key);
+      ++st.in_flight;
+    }
+    st.hit_chunks.fetch_add(pins.size(), std::memory_order_relaxed);
+    auto ts = std::make_shared<detail::ticket_state>();
+    for (std::size_t i = 0; i < pins.size(); ++i)
+      ts->ops.push_back({st.backend.data(pins[i].handle).data(), ptrs[i], sizes[i]});
+    submit_load(ts, std::move(pins), keys.size(), t0, nullptr);
+    auto r = transfer_ticket(ts).wait();
+    if (!r) return std::unexpected(r.error());
+    return {};
+  }
+
+  /// @brief Which of `keys` are stored and readable.
+  [[nodiscard]] result<block_mask> check_blocks(std::span<const chunk_key> keys) const {
+    if (!s_) return stopped_error("check_blocks");
+    if (keys.empty()) return fail(errc::invalid_argument, "check_blocks: empty key list");
+    auto& st = *s_;
+    if (st.stopped.load(std::memory_order_acquire)) return stopped_error("check_blocks");
+    block_mask m(keys.size());
+    {
+      std::shared_lock lk(st.mu);
+      for (std::size_t i = 0; i < keys.size(); ++i) {
+        const auto it = st.index.find(keys[i]);
+        if (it != st.index.end() && it->second.ready) m.set(i);
+      }
+    }
+    st.hit_chunks.fetch_add(m.count(), std::memory_order_relaxed);
+    st.miss_chunks.fetch_add(keys.size() - m.count(), std::memory_order_relaxed);
+    return m;
+  }
+
+  /// @brief A consistent snapshot of the counters.
+  [[nodiscard]] engine_stats stats() const {
+    engine_stats out;
+    if (!s_) return out;
+    auto& st = *s_;
+    const auto ld = [](const std::atomic<std::uint64_t>& a) { return a.load(std::memory_order_relaxed); };
+    out.lookups = ld(st.lookups);
+    out.hit_chunks = ld(st.hit_chunks);
+    out.miss_chunks = ld(st.miss_chunks);
+    out.hit_tokens = ld(st.hit_tokens);
+    out.queried_tokens = ld(st.queried_tokens);
+    out.stored_chunks = ld(st.stored_chunks);
+    out.deduplicated_chunks = ld(st.deduplicated_chunks);
+    out.rejected_chunks = ld(st.rejected_chunks);
+    out.retrieved_chunks = ld(st.retrieved_chunks);
+    out.evictions = ld(st.evictions);
+    out.bytes_stored = ld(st.bytes_stored);
+    out.bytes_loaded = ld(st.bytes_loaded);
+    out.transfer_failures = ld(st.transfer_failures);
+    out.capacity_bytes = st.cfg.capacity_bytes;
+    {
+      std::shared_lock lk(st.mu);
+      out.current_bytes = st.used;
+      out.peak_bytes = st.peak;
+      out.chunks = st.index.size();
+    }
+    out.lookup_latency = st.lookup_latency.snapshot();
+    out.store_latency = st.store_latency.snapshot();
+    out.retrieve_latency = st.retrieve_latency.snapshot();
+    return out;
+  }
+
+  /// @brief Waits for in-flight transfers, frees every chunk, and makes later calls fail with
+  /// `errc::shut_down`. Idempotent.
+  void shutdown() noexcept {
+    if (!s_) return;
+    auto& st = *s_;
+    {
+      std::unique_lock lk(st.mu);
+      if (st.stopped.exchange(true)) return;
+    }
+    {
+      std::unique_lock lk(st.flight_m);
+      st.flight_cv.wait(lk, [&] { return st.in_flight.load(std::memory_order_acquire) == 0; });
+    }
+    st.scheduler.drain();
+    std::unique_lock lk(st.mu);
+    for (auto& [k, e] : st.index) {
+      st.backend.release(st.alloc, k, e.handle);
+      st.eviction.on_erase(k);
+    }
+    st.index.clear();
+    st.used = 0;
+  }
+
+  /// @brief The allocator, e.g. to query a pool; do not free chunk memory through it.
+  [[nodiscard]] const Allocator& get_allocator() const noexcept { return s_->alloc; }
+
+ private:
+  using handle_type = typename Backend::handle;
+
+  struct entry {
+    handle_type handle;
+    std::size_t bytes;
+    std::uint32_t pins;
+    bool ready;
+  };
+  struct reservation {
+    std::size_t index;  // position in the caller's key list
+    chunk_key key;
+    handle_type handle;
+    std::size_t bytes;
+  };
+  struct pinned {
+    chunk_key key;
+    handle_type handle;
+    std::size_t bytes;
+  };
+
+  struct state {
+    state(const engine_config& c, Allocator&& a, Hasher&& h, EvictionPolicy&& e, Backend&& b,
+          TransferScheduler&& s)
+        : cfg(c), alloc(std::move(a)), hasher(std::move(h)), eviction(std::move(e)), backend(std::move(b)),
+          scheduler(std::move(s)) {
+      const auto seed = detail::namespace_seed(cfg);
+      root = hasher.root(seed);
+    }
+
+    // Called after in_flight dropped; taking flight_m orders it after shutdown's predicate check.
+    void end_flight() {
+      if (in_flight.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard fl(flight_m);
+        flight_cv.notify_all();
+      }
+    }
+
+    engine_config cfg;
+    Allocator alloc;
+    Hasher hasher;
+    EvictionPolicy eviction;
+    Backend backend;
+    TransferScheduler scheduler;
+    chunk_key root;
+
+    mutable std::shared_mutex mu;  // guards index, used, peak and the eviction policy
+    std::unordered_map<chunk_key, entry, chunk_key_hash> index;
+    std::size_t used{0}, peak{0};
+    std::atomic<std::size_t> in_flight{0};  // raised under mu, so none starts after shutdown's check
+    std::atomic<bool> stopped{false};
+    std::mutex flight_m;
+    std::condition_variable flight_cv;
+
+    mutable std::atomic<std::uint64_t> lookups{0}, hit_chunks{0}, miss_chunks{0}, hit_tokens{0}, queried_tokens{0};
+    std::atomic<std::uint64_t> stored_chunks{0}, deduplicated_chunks{0}, rejected_chunks{0}, retrieved_chunks{0},
+        evictions{0}, bytes_stored{0}, bytes_loaded{0}, transfer_failures{0};
+    mutable detail::atomic_histogram lookup_latency;
+    detail::atomic_histogram store_latency, retrieve_latency;
+  };
+
+  basic_engine() = default;
+
+  static std::unexpected<error> stopped_error(const char* op) {
+    return std::unexpected(error{errc::shut_down, std::string(op) + ": the engine was shut down"});
+  }
+
+  [[nodiscard]] std::size_t chunk_count(std::size_t tokens) const noexcept {
+    const std::size_t c = s_->cfg.chunk_tokens;
+    return tokens / c + (s_->cfg.store_partial_chunks && tokens % c != 0 ? 1 : 0);
+  }
+  [[nodiscard]] std::size_t covered_tokens(std::size_t tokens) const noexcept {
+    return s_->cfg.store_partial_chunks ? tokens : tokens - tokens % s_->cfg.chunk_tokens;
+  }
+  [[nodiscard]] std::span<const token_id> chunk_tokens_of(std::span<const token_id> tokens, std::size_t i) const {
+    const std::size_t c = s_->cfg.chunk_tokens;
+    return tokens.subspan(i * c, std::min(c, tokens.size() - i * c));
+  }
+  [[nodiscard]] std::size_t chunk_bytes(std::size_t ntok) const noexcept {
+    return ntok * s_->cfg.geometry.token_bytes();
+  }
+
+  [[nodiscard]] result<void> check_layout(const kv_layout& l, const char* op) const {
+    const std::string o(op);
+    if (l.location() == memory_location::device && !detail::reaches_device_memory<TransferScheduler>)
+      return fail(errc::unsupported, o + ": this engine's transfer scheduler cannot reach device memory");
+    const auto& g = s_->cfg.geometry;
+    if (l.num_layers() == 0) return fail(errc::invalid_layout, o + ": empty layout");
+    if (!(l.geometry() == g))
+      return fail(errc::size_mismatch,
+                  o + ": layout geometry (" + std::to_string(l.geometry().num_layers) + " layers x " +
+                      std::to_string(l.geometry().kv_planes) + " planes x " + std::to_string(l.geometry().kv_heads) +
+                      " heads x " + std::to_string(l.geometry().head_dim) + " x " +
+                      std::to_string(l.geometry().element_bytes) + " B) differs from the engine's (" +
+                      std::to_string(g.num_layers) + " x " + std::to_string(g.kv_planes) + " x " +
+                      std::to_string(g.kv_heads) + " x " + std::to_string(g.head_dim) + " x " +
+                      std::to_string(g.element_bytes) + " B)");
+    return {};
+  }
+
+  template <class Ptr>
+  [[nodiscard]] result<void> check_key_args(const char* op, std::size_t nkeys, std::span<Ptr> ptrs,
+                                            std::span<const std::size_t> sizes) const {
+    const std::string o(op);
+    if (nkeys == 0) return fail(errc::invalid_argument, o + ": empty key list");
+    if (ptrs.size() != nkeys || sizes.size() != nkeys)
+      return fail(errc::size_mismatch, o + ": " + std::to_string(nkeys) + " keys, " + std::to_string(ptrs.size()) +
+                                           " pointers and " + std::to_string(sizes.size()) + " sizes");
+    for (std::size_t i = 0; i < nkeys; ++i) {
+      if (ptrs[i] == nullptr) return fail(errc::invalid_argument, o + ": pointer " + std::to_string(i) + " is null");
+      if (sizes[i] == 0) return fail(errc::invalid_argument, o + ": size " + std::to_string(i) + " is zero");
+      if (sizes[i] > s_->cfg.capacity_bytes)
+        return fail(errc::size_mismatch, o + ": size " + std::to_string(i) + " (" + std::to_string(sizes[i]) +
+                                             ") exceeds the capacity (" + std::to_string(s_->cfg.capacity_bytes) + ")");
+    }
+    return {};
+  }
+
+  // Evicts the policy's first unpinned, readable victim. Caller holds mu exclusively.
+  bool evict_one_locked() {
+    auto& st = *s_;
+    const auto v = st.eviction.select_victim([&st](const chunk_key& k) {
+      const auto it = st.index.find(k);
+      return it != st.index.end() && it->second.ready && it->second.pins == 0;
+    });
+    if (!v) return false;
+    const auto it = st.index.find(*v);
+    if (it == st.index.end() || !it->second.ready || it->second.pins != 0) return false;  // a broken policy
+    st.backend.release(st.alloc, it->first, it->second.handle);
+    st.used -= it->second.bytes;
+    st.index.erase(it);
+    st.eviction.on_erase(*v);
+    st.evictions.fetch_add(1, std::memory_order_relaxed);
+    return true;
+  }
+
+  // Room for one chunk: evict until the byte budget and the allocator both allow it.
+  result<handle_type> reserve_locked(const chunk_key& k, std::size_t bytes) {
+    auto& st = *s_;
+    while (st.used + bytes > st.cfg.capacity_bytes)
+      if (!evict_one_locked())
+        return fail(errc::capacity_exhausted, "no evictable chunk left to make room for " + std::to_string(bytes) + " bytes");
+    for (;;) {
+      auto h = st.backend.reserve(st.alloc, k, bytes);
+      if (h) {
+        st.used += bytes;
+        st.peak = std::max(st.peak, st.used);
+        return *h;
+      }
+      if (h.error().code != errc::out_of_memory) return std::unexpected(h.error());
+      if (!evict_one_locked()) return std::unexpected(h.error());
+    }
+  }
+
+  // Reserves every key not yet present, in order; stops at the first that cannot be placed.
+  result<std::vector<reservation>> reserve_all(std::span<const chunk_key> keys, std::span<const std::size_t> sizes,
+                                               const char* op) {
+    auto& st = *s_;
+    std::vector<reservation> out;
+    std::unique_lock lk(st.mu);
+    if (st.stopped.load(std::memory_order_relaxed)) return stopped_error(op);
+    for (std::size_t i = 0; i < keys.size(); ++i) {
+      if (st.index.contains(keys[i])) {
+        st.deduplicated_chunks.fetch_add(1, std::memory_order_relaxed);
+        continue;
+      }
+      auto h = reserve_locked(keys[i], sizes[i]);
+      if (!h) {
+        if (h.error().code == errc::capacity_exhausted || h.error().code == errc::out_of_memory) {
+          st.rejected_chunks.fetch_add(keys.size() - i, std::memory_order_relaxed);
+          break;
+        }
+        for (const auto& r : out) drop_locked(r.key, r.handle, r.bytes);
+        return std::unexpected(h.error());
+      }
+      st.index.emplace(keys[i], entry{*h, sizes[i], 1, false});
+      out.push_back({i, keys[i], *h, sizes[i]});
+    }
+    if (!out.empty()) ++st.in_flight;
+    return out;
+  }
+
+  void drop_locked(const chunk_key& k, handle_type h, std::size_t bytes) {
+    auto& st = *s_;
+    st.backend.release(st.alloc, k, h);
+    st.used -= bytes;
+    st.index.erase(k);
+  }
+
+  void submit_store(const std::shared_ptr<detail::ticket_state>& ts, std::vector<reservation> res,
+                    std::size_t value, detail::clock::time_point t0) {
+    if (res.empty()) {
+      s_->store_latency.record(detail::elapsed_ns(t0));
+      ts->complete(std::size_t{0});
+      return;
+    }
+    state* st = s_.get();
+    st->scheduler.submit(ts->ops, [st, ts, res = std::move(res), value, t0](result<void> r) mutable {
+      std::vector<result<void>> commits;
+      commits.reserve(res.size());
+      for (const auto& c : res) commits.push_back(r ? st->backend.commit(c.key, c.handle) : result<void>{});
+      std::optional<error> err;
+      if (!r) err = r.error();
+      std::uint64_t bytes = 0, stored = 0;
+      {
+        std::unique_lock lk(st->mu);
+        for (std::size_t i = 0; i < res.size(); ++i) {
+          const auto& c = res[i];
+          if (!r || !commits[i]) {
+            if (!err) err = commits[i].error();
+            st->backend.release(st->alloc, c.key, c.handle);
+            st->used -= c.bytes;
+            st->index.erase(c.key);
+            continue;
+          }
+          auto& e = st->index.find(c.key)->second;
+          e.ready = true;
+          e.pins = 0;
+          st->eviction.on_insert(c.key);
+          bytes += c.bytes;
+          ++stored;
+        }
+      }
+      st->stored_chunks.fetch_add(stored, std::memory_order_relaxed);
+      st->bytes_stored.fetch_add(bytes, std::memory_order_relaxed);
+      st->store_latency.record(detail::elapsed_ns(t0));
+      if (err) st->transfer_failures.fetch_add(1, std::memory_order_relaxed);
+      st->end_flight();  // last touch of *st: shutdown may free it from here on
+      if (err)
+        ts->complete(std::unexpected(std::move(*err)));
+      else
+        ts->complete(value);
+    });
+  }
+
+  void submit_load(const std::shared_ptr<detail::ticket_state>& ts, std::vector<pinned> pins, std::size_t value,
+                   detail::clock::time_point t0, detail::atomic_histogram* latency) {
+    state* st = s_.get();
+    st->scheduler.submit(ts->ops, [st, ts, pins = std::move(pins), value, t0, latency](result<void> r) {
+      std::uint64_t bytes = 0;
+      {
+        std::unique_lock lk(st->mu);
+        for (const auto& p : pins) {
+          --st->index.find(p.key)->second.pins;
+          bytes += p.bytes;
+        }
+      }
+      if (latency) latency->record(detail::elapsed_ns(t0));
+      if (r) {
+        st->retrieved_chunks.fetch_add(pins.size(), std::memory_order_relaxed);
+        st->bytes_loaded.fetch_add(bytes, std::memory_order_relaxed);
+      } else {
+        st->transfer_failures.fetch_add(1, std::memory_order_relaxed);
+      }
+      st->end_flight();  // last touch of *st: shutdown may free it from here on
+      if (r)
+        ts->complete(value);
+      else
+        ts->complete(std::unexpected(r.error()));
+    });
+  }
+
+  std::unique_ptr<state> s_;
+};
+
+}  // namespace kvortex

@@ -1,0 +1,29 @@
+#pragma once
+/// @file kvortex.hpp
+/// @brief The whole library, with the default engine stacks.
+
+#include "kvortex/allocators/host_allocator.hpp"
+#include "kvortex/allocators/numa_pool_allocator.hpp"
+#include "kvortex/backends/cpu_backend.hpp"
+#include "kvortex/concepts.hpp"
+#include "kvortex/config.hpp"
+#include "kvortex/engine.hpp"
+#include "kvortex/error.hpp"
+#include "kvortex/eviction/lru_eviction.hpp"
+#include "kvortex/eviction/s3fifo_eviction.hpp"
+#include "kvortex/hashers/sha256_hasher.hpp"
+#include "kvortex/hashers/xxh3_hasher.hpp"
+#include "kvortex/layout.hpp"
+#include "kvortex/schedulers/host_transfer_scheduler.hpp"
+#include "kvortex/schedulers/inline_transfer_scheduler.hpp"
+#include "kvortex/stats.hpp"
+#include "kvortex/types.hpp"
+#include "kvortex/version.hpp"
+
+namespace kvortex {
+
+/// @brief The host-only stack: plain host memory, SHA-256 keys, LRU eviction, chunks in host RAM,
+/// multi-threaded memcpy. Needs no GPU.
+using host_engine = basic_engine<host_allocator, sha256_hasher, lru_eviction, cpu_backend, host_transfer_scheduler>;
+
+}  // namespace kvortex

@@ -1,0 +1,234 @@
+#pragma once
+/// @file layout.hpp
+/// @brief Descriptors of where an inference engine keeps its KV cache, and how chunks map onto it.
+
+#include <algorithm>
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "kvortex/config.hpp"
+#include "kvortex/error.hpp"
+#include "kvortex/types.hpp"
+
+namespace kvortex {
+
+/// @brief Order of the dimensions inside one block of a paged cache.
+enum class kv_order : std::uint8_t {
+  nhd,  ///< `[block_tokens][kv_heads][head_dim]`: one token's heads are contiguous
+  hnd,  ///< `[kv_heads][block_tokens][head_dim]`: one head's tokens are contiguous
+};
+
+/// @brief Which memory the cache tensors live in.
+enum class memory_location : std::uint8_t { host, device };
+
+/// @brief A validated view of an engine's KV cache: per-layer base pointers plus byte strides.
+///
+/// Element `(layer, plane, block, token, head)` starts at
+/// `layers[layer] + plane*plane_stride + block*block_stride + token*token_stride + head*head_stride`
+/// and spans `head_bytes` contiguous bytes. A request's tokens map to blocks through a block table:
+/// token `t` lives in physical block `table[t / block_tokens]` at slot `t % block_tokens`.
+/// Build one with the factories, which check it against the geometry and the tensor extents;
+/// the engine checks it again against its own geometry before any copy.
+class kv_layout {
+ public:
+  /// @brief A contiguous cache per layer, `[planes][max_tokens][kv_heads][head_dim]`, as used by
+  /// simple C++ servers; block tables may be left empty (identity).
+  [[nodiscard]] static result<kv_layout> contiguous(std::span<std::byte* const> layer_ptrs,
+                                                    const kv_geometry& g, std::size_t max_tokens) {
+    const std::size_t row = g.row_bytes();
+    strides s{};
+    s.plane = static_cast<std::int64_t>(max_tokens * row);
+    s.block = 0;
+    s.token = static_cast<std::int64_t>(row);
+    s.head = static_cast<std::int64_t>(std::size_t{g.head_dim} * g.element_bytes);
+    return make(layer_ptrs, g, /*num_blocks=*/1, /*block_tokens=*/max_tokens, s,
+                /*layer_bytes=*/g.kv_planes * max_tokens * row, "contiguous");
+  }
+
+  /// @brief vLLM's FlashAttention cache per layer: logical `[2, num_blocks, block_tokens, kv_heads,
+  /// head_dim]`, stored NHD (as written) or HND (`[2, num_blocks, kv_heads, block_tokens, head_dim]`).
+  [[nodiscard]] static result<kv_layout> flash_attn(std::span<std::byte* const> layer_ptrs,
+                                                    const kv_geometry& g, std::size_t num_blocks,
+                                                    std::size_t block_tokens, kv_order order = kv_order::nhd) {
+    if (g.kv_planes != 2)
+      return fail(errc::invalid_layout, "flash_attn layout needs kv_planes == 2, got " +
+                                            std::to_string(g.kv_planes));
+    const std::size_t hb = std::size_t{g.head_dim} * g.element_bytes;
+    const std::size_t block = block_tokens * g.row_bytes();
+    strides s{};
+    s.plane = static_cast<std::int64_t>(num_blocks * block);
+    s.block = static_cast<std::int64_t>(block);
+    s.token = static_cast<std::int64_t>(order == kv_order::nhd ? g.row_bytes() : hb);
+    s.head = static_cast<std::int64_t>(order == kv_order::nhd ? hb : block_tokens * hb);
+    return make(layer_ptrs, g, num_blocks, block_tokens, s, 2 * num_blocks * block,
+                order == kv_order::nhd ? "flash_attn_nhd" : "flash_attn_hnd");
+  }
+
+  /// @brief Any layout given by explicit byte strides; `layer_bytes` is each layer tensor's extent.
+  [[nodiscard]] static result<kv_layout> strided(std::span<std::byte* const> layer_ptrs, const kv_geometry& g,
+                                                 std::size_t num_blocks, std::size_t block_tokens,
+                                                 std::int64_t plane_stride, std::int64_t block_stride,
+                                                 std::int64_t token_stride, std::int64_t head_stride,
+                                                 std::size_t layer_bytes) {
+    return make(layer_ptrs, g, num_blocks, block_tokens,
+                strides{plane_stride, block_stride, token_stride, head_stride}, layer_bytes, "strided");
+  }
+
+  /// @brief Marks the tensors as device memory (only a GPU transfer scheduler accepts these).
+  kv_layout& on_device() noexcept {
+    location_ = memory_location::device;
+    return *this;
+  }
+
+  [[nodiscard]] std::size_t num_layers() const noexcept { return layers_.size(); }
+  [[nodiscard]] std::size_t num_blocks() const noexcept { return num_blocks_; }
+  [[nodiscard]] std::size_t block_tokens() const noexcept { return block_tokens_; }
+  [[nodiscard]] const kv_geometry& geometry() const noexcept { return geometry_; }
+  [[nodiscard]] memory_location location() const noexcept { return location_; }
+  [[nodiscard]] const std::string& kind() const noexcept { return kind_; }
+  [[nodiscard]] std::span<std::byte* const> layers() const noexcept { return layers_; }
+
+  /// @brief Checks that a block table can address `tokens` tokens; an empty table means identity.
+  [[nodiscard]] result<void> check_table(std::span<const std::int32_t> table, std::size_t tokens) const {
+    const std::size_t need = (tokens + block_tokens_ - 1) / block_tokens_;
+    if (table.empty()) {
+      if (need > num_blocks_)
+        return fail(errc::size_mismatch, std::to_string(tokens) + " tokens need " + std::to_string(need) +
+                                             " blocks but the " + kind_ + " layout has " +
+                                             std::to_string(num_blocks_));
+      return {};
+    }
+    if (table.size() < need)
+      return fail(errc::size_mismatch, std::to_string(tokens) + " tokens need " + std::to_string(need) +
+                                           " block table entries, got " + std::to_string(table.size()));
+    for (std::size_t i = 0; i < need; ++i)
+      if (table[i] < 0 || static_cast<std::size_t>(table[i]) >= num_blocks_)
+        return fail(errc::invalid_argument, "block_table[" + std::to_string(i) + "] = " +
+                                                std::to_string(table[i]) + " is outside [0, " +
+                                                std::to_string(num_blocks_) + ")");
+    return {};
+  }
+
+  /// @brief Appends the copies between this cache and a chunk buffer for tokens
+  /// `[first, first + count)`, merging runs that are contiguous on both sides.
+  /// @param chunk the chunk's bytes, laid out `[layer][plane][count][row]`.
+  /// @param to_chunk true copies cache -> chunk (store), false chunk -> cache (retrieve).
+  /// The table must have passed `check_table` for `first + count` tokens.
+  void append_copies(std::vector<copy_op>& out, std::span<const std::int32_t> table, std::size_t first,
+                     std::size_t count, std::byte* chunk, bool to_chunk) const {
+    const std::size_t row = geometry_.row_bytes();
+    const std::size_t heads = geometry_.kv_heads;
+    const std::size_t hb = row / heads;
+    const bool rows_contiguous = heads == 1 || strides_.head == static_cast<std::int64_t>(hb);
+    const std::size_t pieces = rows_contiguous ? 1 : heads;
+    const std::size_t piece_bytes = rows_contiguous ? row : hb;
+    // Tokens of one block are one run when rows are contiguous and packed back to back.
+    const bool runs = rows_contiguous && strides_.token == static_cast<std::int64_t>(row);
+    std::byte* cursor = chunk;
+    const auto emit = [&](std::byte* cache, std::size_t bytes) {
+      push(out, to_chunk ? copy_op{cache, cursor, bytes} : copy_op{cursor, cache, bytes});
+      cursor += bytes;
+    };
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      for (std::size_t p = 0; p < geometry_.kv_planes; ++p) {
+        std::byte* plane_base = layers_[l] + static_cast<std::ptrdiff_t>(p) * strides_.plane;
+        for (std::size_t t = first; t < first + count;) {
+          const std::size_t logical = t / block_tokens_;
+          const std::size_t slot = t % block_tokens_;
+          const std::size_t block = table.empty() ? logical : static_cast<std::size_t>(table[logical]);
+          const std::size_t n = std::min(block_tokens_ - slot, first + count - t);
+          std::byte* tok = plane_base + static_cast<std::ptrdiff_t>(block) * strides_.block +
+                           static_cast<std::ptrdiff_t>(slot) * strides_.token;
+          if (runs) {
+            emit(tok, n * row);
+          } else {
+            for (std::size_t i = 0; i < n; ++i, tok += strides_.token)
+              for (std::size_t h = 0; h < pieces; ++h)
+                emit(tok + static_cast<std::ptrdiff_t>(h) * strides_.head, piece_bytes);
+          }
+          t += n;
+        }
+      }
+    }
+  }
+
+ private:
+  struct strides {
+    std::int64_t plane, block, token, head;
+  };
+
+  static void push(std::vector<copy_op>& out, copy_op op) {
+    if (!out.empty()) {
+      auto& b = out.back();
+      if (b.src + b.bytes == op.src && b.dst + b.bytes == op.dst) {
+        b.bytes += op.bytes;
+        return;
+      }
+    }
+    out.push_back(op);
+  }
+
+  static result<kv_layout> make(std::span<std::byte* const> layer_ptrs, const kv_geometry& g,
+                                std::size_t num_blocks, std::size_t block_tokens, strides s,
+                                std::size_t layer_bytes, std::string kind) {
+    const auto bad = [&](std::string m) { return fail(errc::invalid_layout, kind + " layout: " + std::move(m)); };
+    if (layer_ptrs.empty()) return bad("no layer pointers");
+    if (layer_ptrs.size() != g.num_layers)
+      return bad(std::to_string(layer_ptrs.size()) + " layer pointers for a geometry of " +
+                 std::to_string(g.num_layers) + " layers");
+    for (std::size_t i = 0; i < layer_ptrs.size(); ++i)
+      if (layer_ptrs[i] == nullptr) return bad("layer pointer " + std::to_string(i) + " is null");
+    if (g.kv_heads == 0 || g.head_dim == 0 || g.element_bytes == 0 || (g.kv_planes != 1 && g.kv_planes != 2))
+      return bad("geometry has a zero dimension or kv_planes not in {1, 2}");
+    if (num_blocks == 0 || block_tokens == 0) return bad("num_blocks and block_tokens must be > 0");
+    if (s.plane < 0 || s.block < 0 || s.token < 0 || s.head < 0) return bad("negative stride");
+
+    // Elements must not overlap: sorted by stride, each dimension must step past the span of those
+    // inside it. Then the last element must end inside the tensor.
+    const auto hb = static_cast<std::int64_t>(std::size_t{g.head_dim} * g.element_bytes);
+    struct dim {
+      std::int64_t stride;
+      std::int64_t count;
+      const char* name;
+    };
+    std::array<dim, 4> dims{{{s.head, g.kv_heads, "head"},
+                             {s.token, static_cast<std::int64_t>(block_tokens), "token"},
+                             {s.block, static_cast<std::int64_t>(num_blocks), "block"},
+                             {s.plane, g.kv_planes, "plane"}}};
+    std::sort(dims.begin(), dims.end(), [](const dim& a, const dim& b) { return a.stride < b.stride; });
+    std::int64_t span = hb;
+    for (const auto& d : dims) {
+      if (d.count <= 1) continue;
+      if (d.stride < span)
+        return bad(std::string(d.name) + " stride " + std::to_string(d.stride) +
+                   " makes elements overlap (needs >= " + std::to_string(span) + ")");
+      span = d.stride * (d.count - 1) + span;
+    }
+    if (static_cast<std::uint64_t>(span) > layer_bytes)
+      return bad("the last element ends at byte " + std::to_string(span) + " of a " +
+                 std::to_string(layer_bytes) + "-byte layer tensor");
+
+    kv_layout out;
+    out.layers_.assign(layer_ptrs.begin(), layer_ptrs.end());
+    out.geometry_ = g;
+    out.num_blocks_ = num_blocks;
+    out.block_tokens_ = block_tokens;
+    out.strides_ = s;
+    out.kind_ = std::move(kind);
+    return out;
+  }
+
+  std::vector<std::byte*> layers_;
+  kv_geometry geometry_{};
+  std::size_t num_blocks_{0};
+  std::size_t block_tokens_{0};
+  strides strides_{};
+  memory_location location_{memory_location::host};
+  std::string kind_;
+};
+
+}  // namespace kvortex
