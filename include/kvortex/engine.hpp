@@ -461,10 +461,8 @@ class basic_engine {
     }
     st.scheduler.drain();
     std::unique_lock lk(st.mu);
-    for (auto& [k, e] : st.index) {
-      st.backend.release(st.alloc, k, e.handle);
-      st.eviction.on_erase(k);
-    }
+    // The eviction policy is left as it is: nothing asks it again, and untracking could allocate.
+    for (auto& [k, e] : st.index) st.backend.release(st.alloc, k, e.handle);
     st.index.clear();
     st.used = 0;
   }

@@ -1,0 +1,131 @@
+// Layout descriptors: copies generated for every layout match a naive element-by-element walk.
+
+#include <doctest/doctest.h>
+
+#include "test_support.hpp"
+
+#include <numeric>
+
+using namespace kvortex;
+
+namespace {
+
+// Applies the copies, then checks every chunk byte against the element it must come from.
+void check_gather(const kv_layout& lay, std::span<const std::int32_t> table, std::size_t first, std::size_t count,
+                  const std::function<const std::byte*(std::size_t l, std::size_t p, std::size_t block,
+                                                       std::size_t slot, std::size_t h)>& element) {
+  const auto& g = lay.geometry();
+  std::vector<std::byte> chunk(count * g.token_bytes(), std::byte{0xEE});
+  std::vector<copy_op> ops;
+  lay.append_copies(ops, table, first, count, chunk.data(), true);
+  for (const auto& op : ops) std::memcpy(op.dst, op.src, op.bytes);
+  const std::size_t hb = std::size_t{g.head_dim} * g.element_bytes;
+  std::size_t bad = 0, at = 0;
+  for (std::size_t l = 0; l < g.num_layers; ++l)
+    for (std::size_t p = 0; p < g.kv_planes; ++p)
+      for (std::size_t t = first; t < first + count; ++t) {
+        const std::size_t logical = t / lay.block_tokens();
+        const std::size_t block = table.empty() ? logical : static_cast<std::size_t>(table[logical]);
+        for (std::size_t h = 0; h < g.kv_heads; ++h, at += hb)
+          bad += std::memcmp(chunk.data() + at, element(l, p, block, t % lay.block_tokens(), h), hb) != 0;
+      }
+  CHECK(at == chunk.size());
+  CHECK(bad == 0);
+
+  // Scatter back into a zeroed copy of the same shape must reproduce the chunk's sources.
+  std::vector<copy_op> back;
+  lay.append_copies(back, table, first, count, chunk.data(), false);
+  std::size_t bytes = 0;
+  for (const auto& op : back) bytes += op.bytes;
+  CHECK(bytes == chunk.size());
+}
+
+std::vector<std::byte> iota_bytes(std::size_t n, unsigned seed) {
+  std::vector<std::byte> v(n);
+  std::mt19937 rng(seed);
+  for (auto& b : v) b = static_cast<std::byte>(rng());
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("flash_attn NHD and HND gather the right elements for any block table") {
+  kv_geometry g{.num_layers = 3, .kv_planes = 2, .kv_heads = 4, .head_dim = 8, .element_bytes = 2};
+  const std::size_t blocks = 12, bt = 16, hb = 16;
+  for (auto order : {kv_order::nhd, kv_order::hnd}) {
+    std::vector<std::vector<std::byte>> t;
+    std::vector<std::byte*> ptrs;
+    for (unsigned l = 0; l < 3; ++l) t.push_back(iota_bytes(2 * blocks * bt * g.row_bytes(), l));
+    for (auto& x : t) ptrs.push_back(x.data());
+    const auto lay = kv_layout::flash_attn(ptrs, g, blocks, bt, order).value();
+    const auto table = kvt::random_table(6, blocks, 9);
+    auto element = [&](std::size_t l, std::size_t p, std::size_t b, std::size_t s, std::size_t h) {
+      const std::size_t blk = bt * g.row_bytes();
+      std::size_t off = p * blocks * blk + b * blk;
+      off += order == kv_order::nhd ? s * g.row_bytes() + h * hb : h * bt * hb + s * hb;
+      return t[l].data() + off;
+    };
+    for (auto [first, count] : {std::pair<std::size_t, std::size_t>{0, 32}, {32, 64}, {5, 50}, {0, 96}})
+      check_gather(lay, table, first, count, element);
+  }
+}
+
+TEST_CASE("contiguous layout merges into one copy per layer and plane") {
+  kv_geometry g{.num_layers = 2, .kv_planes = 2, .kv_heads = 2, .head_dim = 8, .element_bytes = 2};
+  std::vector<std::vector<std::byte>> t{iota_bytes(2 * 128 * 32, 1), iota_bytes(2 * 128 * 32, 2)};
+  std::vector<std::byte*> ptrs{t[0].data(), t[1].data()};
+  const auto lay = kv_layout::contiguous(ptrs, g, 128).value();
+  std::vector<std::byte> chunk(64 * g.token_bytes());
+  std::vector<copy_op> ops;
+  lay.append_copies(ops, {}, 32, 64, chunk.data(), true);
+  CHECK(ops.size() == 4);
+  for (const auto& op : ops) CHECK(op.bytes == 64 * g.row_bytes());
+  check_gather(lay, {}, 32, 64, [&](std::size_t l, std::size_t p, std::size_t, std::size_t s, std::size_t h) {
+    return t[l].data() + p * 128 * 32 + s * 32 + h * 16;
+  });
+}
+
+TEST_CASE("paged copies merge physically adjacent blocks") {
+  kv_geometry g{.num_layers = 1, .kv_planes = 2, .kv_heads = 1, .head_dim = 4, .element_bytes = 4};
+  std::vector<std::byte> t(2 * 8 * 16 * 16);
+  std::byte* ptr = t.data();
+  const auto lay = kv_layout::flash_attn(std::span(&ptr, 1), g, 8, 16).value();
+  std::vector<std::byte> chunk(64 * g.token_bytes());
+  const std::vector<std::int32_t> adjacent{2, 3, 4, 5}, scattered{5, 1, 7, 0};
+  std::vector<copy_op> ops;
+  lay.append_copies(ops, adjacent, 0, 64, chunk.data(), true);
+  CHECK(ops.size() == 2);  // one per plane
+  ops.clear();
+  lay.append_copies(ops, scattered, 0, 64, chunk.data(), true);
+  CHECK(ops.size() == 8);  // one per block and plane
+}
+
+TEST_CASE("an MLA cache (one plane) via strided descriptor") {
+  // [num_blocks, block_tokens, 576] fp8-sized elements: one plane, one head of 576 bytes.
+  kv_geometry g{.num_layers = 2, .kv_planes = 1, .kv_heads = 1, .head_dim = 576, .element_bytes = 1};
+  const std::size_t blocks = 6, bt = 16, tok = 576;
+  std::vector<std::vector<std::byte>> t{iota_bytes(blocks * bt * tok, 3), iota_bytes(blocks * bt * tok, 4)};
+  std::vector<std::byte*> ptrs{t[0].data(), t[1].data()};
+  const auto lay = kv_layout::strided(ptrs, g, blocks, bt, 0, static_cast<std::int64_t>(bt * tok),
+                                      static_cast<std::int64_t>(tok), static_cast<std::int64_t>(tok), blocks * bt * tok)
+                       .value();
+  const std::vector<std::int32_t> table{4, 0, 5};
+  check_gather(lay, table, 0, 48, [&](std::size_t l, std::size_t, std::size_t b, std::size_t s, std::size_t) {
+    return t[l].data() + (b * bt + s) * tok;
+  });
+}
+
+TEST_CASE("check_table accepts exactly the tables that address the tokens") {
+  kv_geometry g{.num_layers = 1, .kv_planes = 2, .kv_heads = 1, .head_dim = 8, .element_bytes = 2};
+  std::vector<std::byte> t(2 * 4 * 16 * 16);
+  std::byte* ptr = t.data();
+  const auto lay = kv_layout::flash_attn(std::span(&ptr, 1), g, 4, 16).value();
+  CHECK(lay.check_table({}, 64).has_value());
+  CHECK_FALSE(lay.check_table({}, 65).has_value());
+  const std::vector<std::int32_t> two{3, 1};
+  CHECK(lay.check_table(two, 32).has_value());
+  CHECK(lay.check_table(two, 17).has_value());
+  CHECK_FALSE(lay.check_table(two, 33).has_value());
+  CHECK(lay.kind() == "flash_attn_nhd");
+  CHECK(lay.location() == memory_location::host);
+}
