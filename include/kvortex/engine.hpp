@@ -10,7 +10,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <memory>
+#include <optional>
 #include <mutex>
 #include <shared_mutex>
 #include <span>
@@ -58,7 +60,6 @@ struct ticket_state {
   std::condition_variable cv;
   bool done{false};
   result<std::size_t> value{0};
-  std::vector<copy_op> ops;  // owned here so they outlive the scheduler's use of them
 
   void complete(result<std::size_t> r) {
     {
@@ -253,45 +254,70 @@ class basic_engine {
     return hit_tokens;
   }
 
+  class layered_transfer;
+
   /// @brief Copies the KV of `tokens` out of `src` into the store, chunk by chunk. Chunks already
   /// present or in flight are skipped; if capacity runs out, the chunks after the first that cannot
   /// be placed are dropped (they would be unreachable). The ticket yields the tokens newly written.
   /// Tokens beyond the last full chunk are kept only with `store_partial_chunks`.
   /// @param block_table physical block of each logical block of `src`; empty means identity.
+  /// @param hints `wait_event`: copy only after it (e.g. the forward pass's last layer).
   [[nodiscard]] result<transfer_ticket> store(std::span<const token_id> tokens, const kv_layout& src,
-                                              std::span<const std::int32_t> block_table = {}) {
-    if (!s_) return stopped_error("store");
-    const auto t0 = detail::clock::now();
-    if (tokens.empty()) return fail(errc::invalid_argument, "store: empty token list");
-    if (auto v = check_layout(src, "store"); !v) return std::unexpected(v.error());
-    const std::size_t n = chunk_count(tokens.size());
-    const std::size_t covered = covered_tokens(tokens.size());
-    if (covered > 0)
-      if (auto v = src.check_table(block_table, covered); !v) return std::unexpected(v.error());
-    auto keys = chunk_keys(tokens);
-    if (!keys) return std::unexpected(keys.error());
-    std::vector<std::size_t> sizes(n);
-    for (std::size_t i = 0; i < n; ++i) sizes[i] = chunk_bytes(chunk_tokens_of(tokens, i).size());
-
-    auto res = reserve_all(*keys, sizes, "store");
-    if (!res) return std::unexpected(res.error());
-    auto ts = std::make_shared<detail::ticket_state>();
-    std::size_t new_tokens = 0;
-    for (const auto& r : *res) {
-      const std::size_t ntok = chunk_tokens_of(tokens, r.index).size();
-      src.append_copies(ts->ops, block_table, r.index * s_->cfg.chunk_tokens, ntok,
-                        s_->backend.data(r.handle).data(), /*to_chunk=*/true);
-      new_tokens += ntok;
-    }
-    submit_store(ts, std::move(*res), new_tokens, t0);
-    return transfer_ticket(ts);
+                                              std::span<const std::int32_t> block_table = {},
+                                              const transfer_hints& hints = {}) {
+    auto op = begin_store(tokens, src, block_table);
+    if (!op) return std::unexpected(op.error());
+    if (auto r = op->submit_all(hints); !r) return std::unexpected(r.error());
+    return op->finish();
   }
 
   /// @brief Copies the stored leading chunks of `tokens` into `dst`. The ticket yields how many
   /// leading tokens were copied (0 on a full miss). The chunks stay pinned until it completes.
   /// @param block_table physical block of each logical block of `dst`; it must address all of `tokens`.
+  /// @param hints `stream`: a device stream made to wait for the copies, so the host need not.
   [[nodiscard]] result<transfer_ticket> retrieve(std::span<const token_id> tokens, const kv_layout& dst,
-                                                 std::span<const std::int32_t> block_table = {}) {
+                                                 std::span<const std::int32_t> block_table = {},
+                                                 const transfer_hints& hints = {}) {
+    auto op = begin_retrieve(tokens, dst, block_table);
+    if (!op) return std::unexpected(op.error());
+    if (auto r = op->submit_all(hints); !r) return std::unexpected(r.error());
+    return op->finish();
+  }
+
+  /// @brief Starts a store driven layer by layer: reserves the chunks now, then copies each layer
+  /// when `submit_layer` is called (e.g. right after the forward pass wrote it). Chunks become
+  /// readable once every layer is copied and `finish` is called; a transfer dropped before that is
+  /// rolled back.
+  [[nodiscard]] result<layered_transfer> begin_store(std::span<const token_id> tokens, const kv_layout& src,
+                                                     std::span<const std::int32_t> block_table = {}) {
+    if (!s_) return stopped_error("store");
+    const auto t0 = detail::clock::now();
+    if (tokens.empty()) return fail(errc::invalid_argument, "store: empty token list");
+    if (auto v = check_layout(src, "store"); !v) return std::unexpected(v.error());
+    const std::size_t n = usable_chunks(tokens.size(), src);
+    const std::size_t covered = std::min(tokens.size(), n * s_->cfg.chunk_tokens);
+    if (covered > 0)
+      if (auto v = src.check_table(block_table, covered); !v) return std::unexpected(v.error());
+    auto keys = chunk_keys(tokens);
+    if (!keys) return std::unexpected(keys.error());
+    keys->resize(n);
+    std::vector<std::size_t> sizes(n);
+    for (std::size_t i = 0; i < n; ++i) sizes[i] = chunk_bytes(chunk_tokens_of(tokens, i).size());
+    auto res = reserve_all(*keys, sizes, "store");
+    if (!res) return std::unexpected(res.error());
+    auto op = std::make_shared<operation>(true, t0, &s_->store_latency);
+    for (const auto& r : *res) op->chunks.push_back({r, r.index * s_->cfg.chunk_tokens, chunk_tokens_of(tokens, r.index).size()});
+    for (const auto& c : op->chunks) op->value += c.tokens;
+    op->layout = src;
+    op->table.assign(block_table.begin(), block_table.end());
+    return layered_transfer(s_.get(), std::move(op));
+  }
+
+  /// @brief Starts a retrieve driven layer by layer: pins the stored leading chunks now (`tokens()`
+  /// says how many tokens they hold), then copies each layer when `submit_layer` is called, so the
+  /// forward pass can start on layer 0 while later layers are still in flight.
+  [[nodiscard]] result<layered_transfer> begin_retrieve(std::span<const token_id> tokens, const kv_layout& dst,
+                                                        std::span<const std::int32_t> block_table = {}) {
     if (!s_) return stopped_error("retrieve");
     const auto t0 = detail::clock::now();
     if (tokens.empty()) return fail(errc::invalid_argument, "retrieve: empty token list");
@@ -299,38 +325,28 @@ class basic_engine {
     if (auto v = dst.check_table(block_table, tokens.size()); !v) return std::unexpected(v.error());
     auto keys = chunk_keys(tokens);
     if (!keys) return std::unexpected(keys.error());
+    keys->resize(usable_chunks(tokens.size(), dst));
     auto& st = *s_;
-    std::vector<pinned> pins;
+    auto op = std::make_shared<operation>(false, t0, &st.retrieve_latency);
     {
       std::unique_lock lk(st.mu);
       if (st.stopped.load(std::memory_order_relaxed)) return stopped_error("retrieve");
       for (std::size_t i = 0; i < keys->size(); ++i) {
+        const std::size_t ntok = chunk_tokens_of(tokens, i).size();
         const auto it = st.index.find((*keys)[i]);
-        if (it == st.index.end() || !it->second.ready ||
-            it->second.bytes != chunk_bytes(chunk_tokens_of(tokens, i).size()))
-          break;
+        if (it == st.index.end() || !it->second.ready || it->second.bytes != chunk_bytes(ntok)) break;
         ++it->second.pins;
         st.eviction.on_access(it->first);
-        pins.push_back({it->first, it->second.handle, it->second.bytes});
+        op->chunks.push_back({{i, it->first, it->second.handle, it->second.bytes}, i * st.cfg.chunk_tokens, ntok});
+        op->value += ntok;
       }
-      if (!pins.empty()) ++st.in_flight;
+      if (!op->chunks.empty()) ++st.in_flight;
     }
-    st.hit_chunks.fetch_add(pins.size(), std::memory_order_relaxed);
-    st.miss_chunks.fetch_add(keys->size() - pins.size(), std::memory_order_relaxed);
-    auto ts = std::make_shared<detail::ticket_state>();
-    if (pins.empty()) {
-      ts->complete(std::size_t{0});
-      return transfer_ticket(ts);
-    }
-    std::size_t got = 0;
-    for (std::size_t i = 0; i < pins.size(); ++i) {
-      const std::size_t ntok = chunk_tokens_of(tokens, i).size();
-      dst.append_copies(ts->ops, block_table, i * st.cfg.chunk_tokens, ntok,
-                        st.backend.data(pins[i].handle).data(), /*to_chunk=*/false);
-      got += ntok;
-    }
-    submit_load(ts, std::move(pins), got, t0, &st.retrieve_latency);
-    return transfer_ticket(ts);
+    st.hit_chunks.fetch_add(op->chunks.size(), std::memory_order_relaxed);
+    st.miss_chunks.fetch_add(keys->size() - op->chunks.size(), std::memory_order_relaxed);
+    op->layout = dst;
+    op->table.assign(block_table.begin(), block_table.end());
+    return layered_transfer(s_.get(), std::move(op));
   }
 
   /// @brief Stores `sizes[i]` bytes at `ptrs[i]` under `keys[i]`; synchronous. Keys already
@@ -342,14 +358,16 @@ class basic_engine {
     if (!s_) return stopped_error("save_blocks");
     const auto t0 = detail::clock::now();
     if (auto v = check_key_args("save_blocks", keys.size(), ptrs, sizes); !v) return std::unexpected(v.error());
-    std::vector<std::size_t> sz(sizes.begin(), sizes.end());
-    auto res = reserve_all(keys, sz, "save_blocks");
+    auto res = reserve_all(keys, sizes, "save_blocks");
     if (!res) return std::unexpected(res.error());
-    auto ts = std::make_shared<detail::ticket_state>();
-    for (const auto& r : *res) ts->ops.push_back({ptrs[r.index], s_->backend.data(r.handle).data(), sizes[r.index]});
-    const std::size_t count = res->size();
-    submit_store(ts, std::move(*res), count, t0);
-    return transfer_ticket(ts).wait();
+    auto op = std::make_shared<operation>(true, t0, &s_->store_latency);
+    std::vector<copy_op> ops;
+    for (const auto& r : *res) {
+      ops.push_back({ptrs[r.index], s_->backend.data(r.handle).data(), sizes[r.index]});
+      op->chunks.push_back({r, 0, 0});
+    }
+    op->value = op->chunks.size();
+    return run_key_batch(std::move(op), std::move(ops));
   }
 
   /// @brief Copies the blocks stored under `keys` to `ptrs`; synchronous. Fails with `not_found`
@@ -360,8 +378,7 @@ class basic_engine {
     const auto t0 = detail::clock::now();
     if (auto v = check_key_args("load_blocks", keys.size(), ptrs, sizes); !v) return std::unexpected(v.error());
     auto& st = *s_;
-    std::vector<pinned> pins;
-    pins.reserve(keys.size());
+    auto op = std::make_shared<operation>(false, t0, nullptr);
     {
       std::unique_lock lk(st.mu);
       if (st.stopped.load(std::memory_order_relaxed)) return stopped_error("load_blocks");
@@ -375,22 +392,21 @@ class basic_engine {
                                                std::to_string(it->second.bytes) + " bytes, destination has " +
                                                std::to_string(sizes[i])};
         if (err) {
-          for (const auto& p : pins) --st.index.find(p.key)->second.pins;
+          for (const auto& c : op->chunks) --st.index.find(c.r.key)->second.pins;
           st.miss_chunks.fetch_add(1, std::memory_order_relaxed);
           return std::unexpected(std::move(*err));
         }
         ++it->second.pins;
-        pins.push_back({it->first, it->second.handle, it->second.bytes});
+        op->chunks.push_back({{i, it->first, it->second.handle, it->second.bytes}, 0, 0});
       }
-      for (const auto& p : pins) st.eviction.on_access(p.key);
+      for (const auto& c : op->chunks) st.eviction.on_access(c.r.key);
       ++st.in_flight;
     }
-    st.hit_chunks.fetch_add(pins.size(), std::memory_order_relaxed);
-    auto ts = std::make_shared<detail::ticket_state>();
-    for (std::size_t i = 0; i < pins.size(); ++i)
-      ts->ops.push_back({st.backend.data(pins[i].handle).data(), ptrs[i], sizes[i]});
-    submit_load(ts, std::move(pins), keys.size(), t0, nullptr);
-    auto r = transfer_ticket(ts).wait();
+    st.hit_chunks.fetch_add(op->chunks.size(), std::memory_order_relaxed);
+    std::vector<copy_op> ops;
+    for (const auto& c : op->chunks) ops.push_back({st.backend.data(c.r.handle).data(), ptrs[c.r.index], sizes[c.r.index]});
+    op->value = keys.size();
+    auto r = run_key_batch(std::move(op), std::move(ops));
     if (!r) return std::unexpected(r.error());
     return {};
   }
@@ -485,11 +501,133 @@ class basic_engine {
     handle_type handle;
     std::size_t bytes;
   };
-  struct pinned {
-    chunk_key key;
-    handle_type handle;
-    std::size_t bytes;
+  struct state;
+
+  // One store or retrieve: its chunks, its batches in flight, and how it ends.
+  struct operation {
+    struct chunk {
+      reservation r;
+      std::size_t first;   // first token of the chunk in the prompt
+      std::size_t tokens;  // tokens in the chunk (0 for the key API)
+    };
+    operation(bool s, detail::clock::time_point t, detail::atomic_histogram* h)
+        : storing(s), t0(t), latency(h) {}
+
+    const bool storing;
+    const detail::clock::time_point t0;
+    detail::atomic_histogram* const latency;
+    std::shared_ptr<detail::ticket_state> ticket = std::make_shared<detail::ticket_state>();
+    std::vector<chunk> chunks;
+    std::size_t value{0};
+    kv_layout layout;
+    std::vector<std::int32_t> table;
+
+    std::mutex m;  // guards what follows
+    std::deque<std::vector<copy_op>> batches;  // a deque: addresses stay put while the scheduler reads them
+    std::vector<bool> layer_sent;
+    std::size_t outstanding{0};
+    bool sealed{false}, finalized{false};
+    std::optional<error> err;
   };
+
+ public:
+  /// @brief A store or retrieve driven one layer at a time (see `begin_store`, `begin_retrieve`).
+  /// Move-only; destroying it before `finish` rolls a store back and unpins a retrieve's chunks.
+  class layered_transfer {
+   public:
+    layered_transfer(layered_transfer&& o) noexcept : st_(o.st_), op_(std::move(o.op_)) {}
+    layered_transfer& operator=(layered_transfer&& o) noexcept {
+      if (this != &o) {
+        abandon();
+        st_ = o.st_;
+        op_ = std::move(o.op_);
+      }
+      return *this;
+    }
+    ~layered_transfer() { abandon(); }
+
+    /// @brief Tokens this transfer moves: newly written ones for a store, hit ones for a retrieve.
+    [[nodiscard]] std::size_t tokens() const noexcept { return op_ ? op_->value : 0; }
+
+    /// @brief Copies layer `layer` of every chunk; returns once the copy is queued.
+    /// @param hints `wait_event` delays a store's copy until the layer is computed; `stream` is made
+    /// to wait for a retrieve's copy.
+    [[nodiscard]] result<void> submit_layer(std::size_t layer, const transfer_hints& hints = {}) {
+      if (!op_) return fail(errc::invalid_argument, "submit_layer: the transfer was finished or moved from");
+      const std::size_t layers = op_->layout.num_layers();
+      if (layer >= layers)
+        return fail(errc::invalid_argument, "submit_layer: layer " + std::to_string(layer) + " of a " +
+                                                std::to_string(layers) + "-layer cache");
+      {
+        std::lock_guard lk(op_->m);
+        if (op_->layer_sent.empty()) op_->layer_sent.assign(layers, false);
+        if (op_->layer_sent[layer])
+          return fail(errc::invalid_argument, "submit_layer: layer " + std::to_string(layer) + " was already submitted");
+        op_->layer_sent[layer] = true;
+      }
+      return submit_layers(layer, 1, hints);
+    }
+
+    /// @brief Every layer in one batch.
+    [[nodiscard]] result<void> submit_all(const transfer_hints& hints = {}) {
+      if (!op_) return fail(errc::invalid_argument, "submit_all: the transfer was finished or moved from");
+      {
+        std::lock_guard lk(op_->m);
+        if (!op_->layer_sent.empty()) return fail(errc::invalid_argument, "submit_all: layers were already submitted");
+        op_->layer_sent.assign(op_->layout.num_layers(), true);
+      }
+      return submit_layers(0, op_->layout.num_layers(), hints);
+    }
+
+    /// @brief Ends the transfer; the ticket completes when every submitted copy has. A store with
+    /// layers never submitted is rolled back and fails with `invalid_argument`.
+    [[nodiscard]] result<transfer_ticket> finish() {
+      if (!op_) return fail(errc::invalid_argument, "finish: the transfer was finished or moved from");
+      auto op = std::move(op_);
+      std::optional<error> missing;
+      if (op->storing && !op->chunks.empty()) {
+        std::lock_guard lk(op->m);
+        const auto sent = static_cast<std::size_t>(std::count(op->layer_sent.begin(), op->layer_sent.end(), true));
+        if (sent != op->layout.num_layers())
+          missing = error{errc::invalid_argument, "finish: only " + std::to_string(sent) + " of " +
+                                                      std::to_string(op->layout.num_layers()) +
+                                                      " layers were submitted; the store was rolled back"};
+      }
+      transfer_ticket t(op->ticket);
+      seal(*st_, op, missing);
+      if (missing) return std::unexpected(std::move(*missing));
+      return t;
+    }
+
+   private:
+    friend class basic_engine;
+    layered_transfer(state* st, std::shared_ptr<operation> op) : st_(st), op_(std::move(op)) {}
+
+    result<void> submit_layers(std::size_t first, std::size_t count, const transfer_hints& hints) {
+      auto& op = *op_;
+      if (op.chunks.empty()) return {};
+      std::vector<copy_op> ops;
+      for (const auto& c : op.chunks)
+        op.layout.append_copies(ops, op.table, c.first, c.tokens, st_->backend.data(c.r.handle).data(), op.storing,
+                                first, count);
+      transfer_hints h = hints;
+      h.direction = op.storing ? transfer_direction::to_store : transfer_direction::from_store;
+      h.cache_location = op.layout.location();
+      submit_batch(*st_, op_, std::move(ops), h);
+      return {};
+    }
+
+    void abandon() noexcept {
+      if (!op_) return;
+      seal(*st_, op_, error{errc::invalid_argument, "the layered transfer was dropped before finish()"});
+      op_.reset();
+    }
+
+    state* st_;
+    std::shared_ptr<operation> op_;
+  };
+
+ private:
 
   struct state {
     state(const engine_config& c, Allocator&& a, Hasher&& h, EvictionPolicy&& e, Backend&& b,
@@ -541,9 +679,7 @@ class basic_engine {
     const std::size_t c = s_->cfg.chunk_tokens;
     return tokens / c + (s_->cfg.store_partial_chunks && tokens % c != 0 ? 1 : 0);
   }
-  [[nodiscard]] std::size_t covered_tokens(std::size_t tokens) const noexcept {
-    return s_->cfg.store_partial_chunks ? tokens : tokens - tokens % s_->cfg.chunk_tokens;
-  }
+
   [[nodiscard]] std::span<const token_id> chunk_tokens_of(std::span<const token_id> tokens, std::size_t i) const {
     const std::size_t c = s_->cfg.chunk_tokens;
     return tokens.subspan(i * c, std::min(c, tokens.size() - i * c));
@@ -659,77 +795,120 @@ class basic_engine {
     st.index.erase(k);
   }
 
-  void submit_store(const std::shared_ptr<detail::ticket_state>& ts, std::vector<reservation> res,
-                    std::size_t value, detail::clock::time_point t0) {
-    if (res.empty()) {
-      s_->store_latency.record(detail::elapsed_ns(t0));
-      ts->complete(std::size_t{0});
-      return;
-    }
-    state* st = s_.get();
-    st->scheduler.submit(ts->ops, [st, ts, res = std::move(res), value, t0](result<void> r) mutable {
-      std::vector<result<void>> commits;
-      commits.reserve(res.size());
-      for (const auto& c : res) commits.push_back(r ? st->backend.commit(c.key, c.handle) : result<void>{});
-      std::optional<error> err;
-      if (!r) err = r.error();
-      std::uint64_t bytes = 0, stored = 0;
-      {
-        std::unique_lock lk(st->mu);
-        for (std::size_t i = 0; i < res.size(); ++i) {
-          const auto& c = res[i];
-          if (!r || !commits[i]) {
-            if (!err) err = commits[i].error();
-            st->backend.release(st->alloc, c.key, c.handle);
-            st->used -= c.bytes;
-            st->index.erase(c.key);
-            continue;
-          }
-          auto& e = st->index.find(c.key)->second;
-          e.ready = true;
-          e.pins = 0;
-          st->eviction.on_insert(c.key);
-          bytes += c.bytes;
-          ++stored;
-        }
-      }
-      st->stored_chunks.fetch_add(stored, std::memory_order_relaxed);
-      st->bytes_stored.fetch_add(bytes, std::memory_order_relaxed);
-      st->store_latency.record(detail::elapsed_ns(t0));
-      if (err) st->transfer_failures.fetch_add(1, std::memory_order_relaxed);
-      st->end_flight();  // last touch of *st: shutdown may free it from here on
-      if (err)
-        ts->complete(std::unexpected(std::move(*err)));
-      else
-        ts->complete(value);
-    });
+  // Chunks of a prompt this layout can carry: layouts of opaque pages take whole blocks only.
+  [[nodiscard]] std::size_t usable_chunks(std::size_t tokens, const kv_layout& l) const noexcept {
+    const std::size_t n = chunk_count(tokens);
+    if (n == 0 || !l.whole_blocks_only()) return n;
+    const std::size_t last = tokens - (n - 1) * s_->cfg.chunk_tokens;
+    return std::min(last, s_->cfg.chunk_tokens) % l.block_tokens() == 0 ? n : n - 1;
   }
 
-  void submit_load(const std::shared_ptr<detail::ticket_state>& ts, std::vector<pinned> pins, std::size_t value,
-                   detail::clock::time_point t0, detail::atomic_histogram* latency) {
-    state* st = s_.get();
-    st->scheduler.submit(ts->ops, [st, ts, pins = std::move(pins), value, t0, latency](result<void> r) {
-      std::uint64_t bytes = 0;
-      {
-        std::unique_lock lk(st->mu);
-        for (const auto& p : pins) {
-          --st->index.find(p.key)->second.pins;
-          bytes += p.bytes;
-        }
-      }
-      if (latency) latency->record(detail::elapsed_ns(t0));
-      if (r) {
-        st->retrieved_chunks.fetch_add(pins.size(), std::memory_order_relaxed);
-        st->bytes_loaded.fetch_add(bytes, std::memory_order_relaxed);
-      } else {
-        st->transfer_failures.fetch_add(1, std::memory_order_relaxed);
-      }
-      st->end_flight();  // last touch of *st: shutdown may free it from here on
-      if (r)
-        ts->complete(value);
+  static void submit_batch(state& st, const std::shared_ptr<operation>& op, std::vector<copy_op> ops,
+                           const transfer_hints& hints) {
+    std::span<const copy_op> view;
+    {
+      std::lock_guard lk(op->m);
+      view = op->batches.emplace_back(std::move(ops));
+      ++op->outstanding;
+    }
+    auto done = [&st, op](result<void> r) { batch_done(st, op, std::move(r)); };
+    if constexpr (requires { st.scheduler.submit(view, hints, transfer_callback(done)); })
+      st.scheduler.submit(view, hints, transfer_callback(std::move(done)));
+    else
+      st.scheduler.submit(view, transfer_callback(std::move(done)));
+  }
+
+  static void batch_done(state& st, const std::shared_ptr<operation>& op, result<void> r) {
+    bool last = false;
+    {
+      std::lock_guard lk(op->m);
+      if (!r && !op->err) op->err = r.error();
+      --op->outstanding;
+      last = op->sealed && op->outstanding == 0 && !op->finalized;
+      if (last) op->finalized = true;
+    }
+    if (last) finalize(st, *op);
+  }
+
+  // No more batches will come; finalize now if none is in flight.
+  static void seal(state& st, const std::shared_ptr<operation>& op, std::optional<error> e) {
+    bool now = false;
+    {
+      std::lock_guard lk(op->m);
+      if (op->sealed) return;
+      if (e && !op->err) op->err = std::move(e);
+      op->sealed = true;
+      now = op->outstanding == 0 && !op->finalized;
+      if (now) op->finalized = true;
+    }
+    if (now) finalize(st, *op);
+  }
+
+  // Publishes or rolls back a store, or unpins a retrieve; completes the ticket.
+  static void finalize(state& st, operation& op) {
+    if (op.chunks.empty()) {  // nothing was reserved or pinned: no flight to end
+      if (op.latency) op.latency->record(detail::elapsed_ns(op.t0));
+      if (op.err)
+        op.ticket->complete(std::unexpected(*op.err));
       else
-        ts->complete(std::unexpected(r.error()));
-    });
+        op.ticket->complete(op.value);
+      return;
+    }
+    std::optional<error> err = op.err;
+    std::uint64_t bytes = 0, chunks = 0;
+    if (op.storing) {
+      std::vector<result<void>> commits;
+      commits.reserve(op.chunks.size());
+      for (const auto& c : op.chunks) commits.push_back(err ? result<void>{} : st.backend.commit(c.r.key, c.r.handle));
+      std::unique_lock lk(st.mu);
+      for (std::size_t i = 0; i < op.chunks.size(); ++i) {
+        const auto& c = op.chunks[i].r;
+        if (err || !commits[i]) {
+          if (!err) err = commits[i].error();
+          st.backend.release(st.alloc, c.key, c.handle);
+          st.used -= c.bytes;
+          st.index.erase(c.key);
+          continue;
+        }
+        auto& e = st.index.find(c.key)->second;
+        e.ready = true;
+        e.pins = 0;
+        st.eviction.on_insert(c.key);
+        bytes += c.bytes;
+        ++chunks;
+      }
+    } else {
+      std::unique_lock lk(st.mu);
+      for (const auto& c : op.chunks) {
+        --st.index.find(c.r.key)->second.pins;
+        bytes += c.r.bytes;
+        ++chunks;
+      }
+    }
+    if (op.storing) {
+      st.stored_chunks.fetch_add(chunks, std::memory_order_relaxed);
+      st.bytes_stored.fetch_add(bytes, std::memory_order_relaxed);
+    } else if (!err) {
+      st.retrieved_chunks.fetch_add(chunks, std::memory_order_relaxed);
+      st.bytes_loaded.fetch_add(bytes, std::memory_order_relaxed);
+    }
+    if (err) st.transfer_failures.fetch_add(1, std::memory_order_relaxed);
+    if (op.latency) op.latency->record(detail::elapsed_ns(op.t0));
+    auto ticket = op.ticket;  // op may die with the engine once the flight ends
+    const std::size_t value = op.value;
+    st.end_flight();          // last touch of st: shutdown may free it from here on
+    if (err)
+      ticket->complete(std::unexpected(std::move(*err)));
+    else
+      ticket->complete(value);
+  }
+
+  // One batch for the key API, waited for here.
+  result<std::size_t> run_key_batch(std::shared_ptr<operation> op, std::vector<copy_op> ops) {
+    transfer_ticket t(op->ticket);
+    if (!op->chunks.empty()) submit_batch(*s_, op, std::move(ops), transfer_hints{});
+    seal(*s_, op, std::nullopt);
+    return t.wait();
   }
 
   std::unique_ptr<state> s_;

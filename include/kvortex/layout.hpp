@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "kvortex/concepts/transfer_scheduler.hpp"
 #include "kvortex/config.hpp"
 #include "kvortex/error.hpp"
 #include "kvortex/types.hpp"
@@ -21,9 +22,6 @@ enum class kv_order : std::uint8_t {
   nhd,  ///< `[block_tokens][kv_heads][head_dim]`: one token's heads are contiguous
   hnd,  ///< `[kv_heads][block_tokens][head_dim]`: one head's tokens are contiguous
 };
-
-/// @brief Which memory the cache tensors live in.
-enum class memory_location : std::uint8_t { host, device };
 
 /// @brief A validated view of an engine's KV cache: per-layer base pointers plus byte strides.
 ///
@@ -68,6 +66,82 @@ class kv_layout {
                 order == kv_order::nhd ? "flash_attn_nhd" : "flash_attn_hnd");
   }
 
+  /// @brief FlashInfer's cache per layer: `[num_blocks, 2, block_tokens, kv_heads, head_dim]` (NHD)
+  /// or `[num_blocks, 2, kv_heads, block_tokens, head_dim]` (HND): a block's K and V are adjacent.
+  [[nodiscard]] static result<kv_layout> flashinfer(std::span<std::byte* const> layer_ptrs, const kv_geometry& g,
+                                                    std::size_t num_blocks, std::size_t block_tokens,
+                                                    kv_order order = kv_order::nhd) {
+    if (g.kv_planes != 2)
+      return fail(errc::invalid_layout, "flashinfer layout needs kv_planes == 2, got " + std::to_string(g.kv_planes));
+    const std::size_t hb = std::size_t{g.head_dim} * g.element_bytes;
+    const std::size_t plane = block_tokens * g.row_bytes();
+    strides s{};
+    s.plane = static_cast<std::int64_t>(plane);
+    s.block = static_cast<std::int64_t>(2 * plane);
+    s.token = static_cast<std::int64_t>(order == kv_order::nhd ? g.row_bytes() : hb);
+    s.head = static_cast<std::int64_t>(order == kv_order::nhd ? hb : block_tokens * hb);
+    return make(layer_ptrs, g, num_blocks, block_tokens, s, 2 * num_blocks * plane,
+                order == kv_order::nhd ? "flashinfer_nhd" : "flashinfer_hnd");
+  }
+
+  /// @brief vLLM's MLA cache per layer: `[num_blocks, block_tokens, head_dim]`, one latent per token
+  /// (geometry: kv_planes 1, kv_heads 1, head_dim e.g. 576; 656 one-byte elements with fp8_ds_mla).
+  [[nodiscard]] static result<kv_layout> mla(std::span<std::byte* const> layer_ptrs, const kv_geometry& g,
+                                             std::size_t num_blocks, std::size_t block_tokens) {
+    if (g.kv_planes != 1 || g.kv_heads != 1)
+      return fail(errc::invalid_layout, "mla layout needs kv_planes == 1 and kv_heads == 1, got " +
+                                            std::to_string(g.kv_planes) + " and " + std::to_string(g.kv_heads));
+    const std::size_t row = g.row_bytes();
+    strides s{0, static_cast<std::int64_t>(block_tokens * row), static_cast<std::int64_t>(row),
+              static_cast<std::int64_t>(row)};
+    return make(layer_ptrs, g, num_blocks, block_tokens, s, num_blocks * block_tokens * row, "mla");
+  }
+
+  /// @brief All layers in one tensor. `blocks_outermost` false: `[num_layers, 2, num_blocks,
+  /// block_tokens, kv_heads, head_dim]` (layers as the leading dimension); true:
+  /// `[num_blocks, num_layers, 2, block_tokens, kv_heads, head_dim]`, where one block of every layer
+  /// is contiguous. For `kv_planes == 1` the `2` is absent.
+  [[nodiscard]] static result<kv_layout> cross_layer(std::byte* base, const kv_geometry& g, std::size_t num_blocks,
+                                                     std::size_t block_tokens, bool blocks_outermost = false) {
+    if (base == nullptr) return fail(errc::invalid_layout, "cross_layer layout: base pointer is null");
+    const std::size_t row = g.row_bytes();
+    const std::size_t plane_block = block_tokens * row;  // one plane of one block of one layer
+    const std::size_t layer_block = g.kv_planes * plane_block;
+    const std::size_t total = std::size_t{g.num_layers} * num_blocks * layer_block;
+    const std::size_t layer_step = blocks_outermost ? layer_block : num_blocks * layer_block;
+    std::vector<std::byte*> ptrs(g.num_layers);
+    for (std::size_t l = 0; l < ptrs.size(); ++l) ptrs[l] = base + l * layer_step;
+    strides s{};
+    s.plane = static_cast<std::int64_t>(blocks_outermost ? plane_block : num_blocks * plane_block);
+    s.block = static_cast<std::int64_t>(blocks_outermost ? std::size_t{g.num_layers} * layer_block : plane_block);
+    s.token = static_cast<std::int64_t>(row);
+    s.head = static_cast<std::int64_t>(std::size_t{g.head_dim} * g.element_bytes);
+    // The last layer starts furthest in; its extent is what is left of the tensor.
+    const std::size_t extent = total - (g.num_layers == 0 ? 0 : (g.num_layers - 1) * layer_step);
+    return make(ptrs, g, num_blocks, block_tokens, s, extent,
+                blocks_outermost ? "cross_layer_blocks_outermost" : "cross_layer");
+  }
+
+  /// @brief Opaque pages: each layer's cache is `num_blocks` pages of `kv_planes * block_tokens *
+  /// row_bytes` bytes at `page_stride`, whatever their inner order (how vLLM's own offloading views
+  /// any attention backend). Pages round-trip bit-exact; the bytes of one token are not located,
+  /// so store and retrieve through the same kind of layout, in whole blocks.
+  [[nodiscard]] static result<kv_layout> pages(std::span<std::byte* const> layer_ptrs, const kv_geometry& g,
+                                               std::size_t num_blocks, std::size_t block_tokens,
+                                               std::size_t page_stride) {
+    const std::size_t row = g.row_bytes();
+    const std::size_t page = g.kv_planes * block_tokens * row;
+    if (page_stride < page)
+      return fail(errc::invalid_layout, "pages layout: page_stride " + std::to_string(page_stride) +
+                                            " is smaller than a page (" + std::to_string(page) + " bytes)");
+    // Viewed as [plane][token][row] inside each page: a fixed, invertible slicing of its bytes.
+    strides s{static_cast<std::int64_t>(block_tokens * row), static_cast<std::int64_t>(page_stride),
+              static_cast<std::int64_t>(row), static_cast<std::int64_t>(std::size_t{g.head_dim} * g.element_bytes)};
+    auto out = make(layer_ptrs, g, num_blocks, block_tokens, s, (num_blocks - 1) * page_stride + page, "pages");
+    if (out) out->whole_blocks_ = true;
+    return out;
+  }
+
   /// @brief Any layout given by explicit byte strides; `layer_bytes` is each layer tensor's extent.
   [[nodiscard]] static result<kv_layout> strided(std::span<std::byte* const> layer_ptrs, const kv_geometry& g,
                                                  std::size_t num_blocks, std::size_t block_tokens,
@@ -91,6 +165,8 @@ class kv_layout {
   [[nodiscard]] memory_location location() const noexcept { return location_; }
   [[nodiscard]] const std::string& kind() const noexcept { return kind_; }
   [[nodiscard]] std::span<std::byte* const> layers() const noexcept { return layers_; }
+  /// @brief True when only whole blocks may be copied (opaque pages).
+  [[nodiscard]] bool whole_blocks_only() const noexcept { return whole_blocks_; }
 
   /// @brief Checks that a block table can address `tokens` tokens; an empty table means identity.
   [[nodiscard]] result<void> check_table(std::span<const std::int32_t> table, std::size_t tokens) const {
@@ -114,12 +190,15 @@ class kv_layout {
   }
 
   /// @brief Appends the copies between this cache and a chunk buffer for tokens
-  /// `[first, first + count)`, merging runs that are contiguous on both sides.
-  /// @param chunk the chunk's bytes, laid out `[layer][plane][count][row]`.
+  /// `[first, first + count)` of layers `[layer_first, layer_first + layer_count)`, merging runs
+  /// that are contiguous on both sides.
+  /// @param chunk the chunk's bytes, laid out `[layer][plane][count][row]` (all layers).
   /// @param to_chunk true copies cache -> chunk (store), false chunk -> cache (retrieve).
   /// The table must have passed `check_table` for `first + count` tokens.
   void append_copies(std::vector<copy_op>& out, std::span<const std::int32_t> table, std::size_t first,
-                     std::size_t count, std::byte* chunk, bool to_chunk) const {
+                     std::size_t count, std::byte* chunk, bool to_chunk, std::size_t layer_first = 0,
+                     std::size_t layer_count = static_cast<std::size_t>(-1)) const {
+    const std::size_t layer_end = layer_first + std::min(layer_count, layers_.size() - layer_first);
     const std::size_t row = geometry_.row_bytes();
     const std::size_t heads = geometry_.kv_heads;
     const std::size_t hb = row / heads;
@@ -128,12 +207,12 @@ class kv_layout {
     const std::size_t piece_bytes = rows_contiguous ? row : hb;
     // Tokens of one block are one run when rows are contiguous and packed back to back.
     const bool runs = rows_contiguous && strides_.token == static_cast<std::int64_t>(row);
-    std::byte* cursor = chunk;
+    std::byte* cursor = chunk + layer_first * geometry_.kv_planes * count * row;
     const auto emit = [&](std::byte* cache, std::size_t bytes) {
       push(out, to_chunk ? copy_op{cache, cursor, bytes} : copy_op{cursor, cache, bytes});
       cursor += bytes;
     };
-    for (std::size_t l = 0; l < layers_.size(); ++l) {
+    for (std::size_t l = layer_first; l < layer_end; ++l) {
       for (std::size_t p = 0; p < geometry_.kv_planes; ++p) {
         std::byte* plane_base = layers_[l] + static_cast<std::ptrdiff_t>(p) * strides_.plane;
         for (std::size_t t = first; t < first + count;) {
@@ -229,6 +308,7 @@ class kv_layout {
   strides strides_{};
   memory_location location_{memory_location::host};
   std::string kind_;
+  bool whole_blocks_{false};
 };
 
 }  // namespace kvortex

@@ -3,6 +3,7 @@
 /// @brief The `transfer_scheduler` concept: who moves the bytes, and when.
 
 #include <concepts>
+#include <cstdint>
 #include <functional>
 #include <span>
 
@@ -14,6 +15,24 @@ namespace kvortex {
 /// @brief Called exactly once when a submitted batch has finished, with its outcome.
 using transfer_callback = std::move_only_function<void(result<void>)>;
 
+/// @brief Which way a batch goes, seen from the inference engine's cache.
+enum class transfer_direction : std::uint8_t {
+  to_store,    ///< cache -> chunk buffers (store); each op's `src` is in the cache
+  from_store,  ///< chunk buffers -> cache (retrieve); each op's `dst` is in the cache
+};
+
+/// @brief Where a cache lives.
+enum class memory_location : std::uint8_t { host, device };
+
+/// @brief What a scheduler may use beyond the copies themselves. Opaque handles keep CUDA types
+/// out of the host API: `wait_event` is a `cudaEvent_t`, `stream` a `cudaStream_t`.
+struct transfer_hints {
+  transfer_direction direction{transfer_direction::to_store};
+  memory_location cache_location{memory_location::host};  ///< side of each op that is in the cache
+  void* wait_event{nullptr};  ///< start only after this event (e.g. the layer's compute); may be null
+  void* stream{nullptr};      ///< for retrieves: make this stream wait for the copies; may be null
+};
+
 /// @brief Executes batches of copies.
 ///
 /// Required, for `S& s`, `std::span<const copy_op> ops`, `transfer_callback done`:
@@ -21,6 +40,10 @@ using transfer_callback = std::move_only_function<void(result<void>)>;
 ///   then calls `done` exactly once (on any thread) with success or the first failure. `ops` stay
 ///   valid until `done` is called; `done` must not be called with the scheduler's locks held.
 /// - `s.drain()`: blocks until every batch submitted so far has called its `done`.
+///
+/// Optional: `s.submit(ops, hints, std::move(done))` with a `const transfer_hints&`; the engine
+/// calls it instead when present. A scheduler that can reach device memory declares
+/// `static constexpr bool reaches_device_memory = true;`.
 ///
 /// Semantics: `submit` and `drain` are safe to call from several threads at once. Construction
 /// as for `allocator`.
