@@ -894,13 +894,13 @@ class basic_engine {
     }
     if (err) st.transfer_failures.fetch_add(1, std::memory_order_relaxed);
     if (op.latency) op.latency->record(detail::elapsed_ns(op.t0));
-    auto ticket = op.ticket;  // op may die with the engine once the flight ends
-    const std::size_t value = op.value;
-    st.end_flight();          // last touch of st: shutdown may free it from here on
+    // The ticket completes before the flight ends, so shutdown() returns only with every ticket
+    // ready; end_flight is the last touch of st, which shutdown may free from then on.
     if (err)
-      ticket->complete(std::unexpected(std::move(*err)));
+      op.ticket->complete(std::unexpected(std::move(*err)));
     else
-      ticket->complete(value);
+      op.ticket->complete(op.value);
+    st.end_flight();
   }
 
   // One batch for the key API, waited for here.

@@ -1,0 +1,82 @@
+#pragma once
+/// @file transfer_kernels.hpp
+/// @brief CUDA C++ source of the gather and scatter kernels, compiled at run time by NVRTC.
+///
+/// Kept as a string so that no part of the library needs nvcc: `nvrtc_program.hpp` compiles it for
+/// the running GPU on first use. Each kernel walks a table of fragments (`frag`: source, destination,
+/// bytes); one warp copies one fragment at a time, grid-striding over the table, with 16-byte
+/// accesses when both ends and the length allow, four loads in flight per lane, and evict-first
+/// cache hints so the copy does not push a concurrent compute kernel's working set out of L2.
+/// The grids are small (a few CTAs), so the kernels fit beside compute kernels.
+
+#include <cstdint>
+
+namespace kvortex::detail {
+
+/// One fragment as the kernels read it; the host builds tables of these in device memory.
+struct alignas(16) kernel_fragment {
+  std::uint64_t src;
+  std::uint64_t dst;
+  std::uint64_t bytes;
+  std::uint64_t reserved;
+};
+static_assert(sizeof(kernel_fragment) == 32);
+
+/// Kernel names in `transfer_kernels_source`.
+inline constexpr const char* gather_kernel_name = "kvortex_gather";
+inline constexpr const char* scatter_kernel_name = "kvortex_scatter";
+
+/// The kernels' source (C++17 subset NVRTC accepts, no includes).
+inline constexpr const char* transfer_kernels_source = R"kvortex(
+struct kvortex_frag { unsigned long long src, dst, bytes, reserved; };
+
+template <class T>
+__device__ __forceinline__ T kvx_load(const T* p) { return *p; }
+template <>
+__device__ __forceinline__ int4 kvx_load<int4>(const int4* p) { return __ldcs(p); }
+template <class T>
+__device__ __forceinline__ void kvx_store(T* p, T v) { *p = v; }
+template <>
+__device__ __forceinline__ void kvx_store<int4>(int4* p, int4 v) { __stcs(p, v); }
+
+// One warp copies n elements of T; four independent loads per lane before the stores.
+template <class T>
+__device__ __forceinline__ void kvx_copy_warp(const T* __restrict__ s, T* __restrict__ d,
+                                              unsigned long long n, unsigned lane) {
+  unsigned long long i = lane;
+  for (; i + 96 < n; i += 128) {
+    const T a = kvx_load(s + i), b = kvx_load(s + i + 32), c = kvx_load(s + i + 64), e = kvx_load(s + i + 96);
+    kvx_store(d + i, a); kvx_store(d + i + 32, b); kvx_store(d + i + 64, c); kvx_store(d + i + 96, e);
+  }
+  for (; i < n; i += 32) kvx_store(d + i, kvx_load(s + i));
+}
+
+__device__ __forceinline__ void kvx_copy_fragments(const kvortex_frag* __restrict__ frags, unsigned count) {
+  const unsigned lane = threadIdx.x & 31u;
+  const unsigned warps = (gridDim.x * blockDim.x) >> 5;
+  for (unsigned f = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; f < count; f += warps) {
+    const kvortex_frag fr = frags[f];
+    const unsigned long long a = fr.src | fr.dst | fr.bytes;
+    if ((a & 15ull) == 0) {
+      kvx_copy_warp(reinterpret_cast<const int4*>(fr.src), reinterpret_cast<int4*>(fr.dst), fr.bytes >> 4, lane);
+    } else if ((a & 3ull) == 0) {
+      kvx_copy_warp(reinterpret_cast<const unsigned*>(fr.src), reinterpret_cast<unsigned*>(fr.dst), fr.bytes >> 2, lane);
+    } else {
+      kvx_copy_warp(reinterpret_cast<const unsigned char*>(fr.src), reinterpret_cast<unsigned char*>(fr.dst),
+                    fr.bytes, lane);
+    }
+  }
+}
+
+// Store side: cache fragments -> staging slab (or any destination).
+extern "C" __global__ void __launch_bounds__(1024) kvortex_gather(const kvortex_frag* frags, unsigned count) {
+  kvx_copy_fragments(frags, count);
+}
+
+// Retrieve side: staging slab -> cache fragments.
+extern "C" __global__ void __launch_bounds__(1024) kvortex_scatter(const kvortex_frag* frags, unsigned count) {
+  kvx_copy_fragments(frags, count);
+}
+)kvortex";
+
+}  // namespace kvortex::detail

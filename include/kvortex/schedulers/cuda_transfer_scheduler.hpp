@@ -1,0 +1,670 @@
+#pragma once
+/// @file cuda_transfer_scheduler.hpp
+/// @brief Moves KV fragments between a paged GPU cache and pinned host chunks at PCIe speed.
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "kvortex/concepts/transfer_scheduler.hpp"
+#include "kvortex/config.hpp"
+#include "kvortex/detail/cuda_runtime.hpp"
+#include "kvortex/detail/nvrtc_program.hpp"
+#include "kvortex/detail/transfer_kernels.hpp"
+#include "kvortex/error.hpp"
+#include "kvortex/types.hpp"
+
+namespace kvortex {
+
+/// @brief Tuning of the staged copy path, per direction. Chosen by `select_cuda_transfer_tuning`
+/// from the compute capability; override through `cuda_transfer_scheduler::options`.
+struct cuda_transfer_tuning {
+  std::size_t slab_bytes;              ///< device staging slab size
+  unsigned slabs;                      ///< slabs in flight (>= 2): gather k+1 overlaps the DMA of k
+  unsigned ctas;                       ///< CTAs per gather/scatter launch; 0 = one per SM
+  unsigned threads;                    ///< threads per CTA (multiple of 32, <= 1024)
+  std::size_t max_fragment_bytes;      ///< longer copies are cut so the warps share the work
+  std::size_t dma_min_fragment_bytes;  ///< mean fragment >= this goes DMA-only in `automatic` mode; 0 = never
+  unsigned dma_streams;                ///< streams the DMA-only path spreads its batches over
+  std::size_t descriptor_capacity;     ///< fragment descriptors in flight per direction
+};
+
+/// @brief The tuning for a device of compute capability `major.minor`.
+[[nodiscard]] constexpr cuda_transfer_tuning select_cuda_transfer_tuning(int major, [[maybe_unused]] int minor) noexcept {
+  constexpr std::size_t MiB = std::size_t{1} << 20, KiB = std::size_t{1} << 10;
+  if (major >= 9)  // Hopper and later: ~55 GB/s PCIe Gen5; slabs deep enough to ride out a long compute kernel
+    return {.slab_bytes = 32 * MiB, .slabs = 4, .ctas = 16, .threads = 512, .max_fragment_bytes = 64 * KiB,
+            .dma_min_fragment_bytes = 0, .dma_streams = 4, .descriptor_capacity = std::size_t{1} << 18};
+  if (major == 8)
+    return {.slab_bytes = 16 * MiB, .slabs = 3, .ctas = 16, .threads = 512, .max_fragment_bytes = 64 * KiB,
+            .dma_min_fragment_bytes = 0, .dma_streams = 4, .descriptor_capacity = std::size_t{1} << 17};
+  return {.slab_bytes = 8 * MiB, .slabs = 2, .ctas = 8, .threads = 256, .max_fragment_bytes = 32 * KiB,
+          .dma_min_fragment_bytes = 0, .dma_streams = 2, .descriptor_capacity = std::size_t{1} << 16};
+}
+
+/// @brief How device copies are performed.
+enum class cuda_transfer_mode : std::uint8_t {
+  automatic,  ///< staged, or DMA-only when the mean fragment reaches `dma_min_fragment_bytes`
+  staged,     ///< gather/scatter kernel + one DMA per contiguous run (needs NVRTC)
+  dma,        ///< `cudaMemcpyBatchAsync` of the fragments, no kernels
+};
+
+/// @brief GPU transfer scheduler: staged gather/scatter kernels plus bulk DMA.
+///
+/// Store (`to_store`, fragments on the device, chunk buffers in pinned host memory): a gather
+/// kernel packs fragments into a device staging slab laid out like the destination, then one
+/// `cudaMemcpyAsync` per contiguous destination run moves the slab to the host. Retrieve is the
+/// mirror image (DMA into a slab, then a scatter kernel). Several slabs are in flight; the kernels
+/// run on a high-priority stream with few CTAs. Kernels come from NVRTC at first use
+/// (`detail/nvrtc_program.hpp`); without NVRTC every batch goes through `cudaMemcpyBatchAsync`.
+/// Host-to-host batches are copied with `memcpy` on the caller's thread.
+///
+/// `submit` enqueues all GPU work before it returns (blocking only when the descriptor ring is
+/// full), so the hints' events and streams are ordered against the caller's stream at call time:
+/// a store waits for `hints.wait_event`, and after a retrieve `hints.stream` waits for its scatter.
+/// `done` runs on one completion thread per direction, which may call CUDA. Every CUDA failure
+/// becomes a `kvortex::error` passed to `done`; nothing throws.
+class cuda_transfer_scheduler {
+ public:
+  static constexpr bool reaches_device_memory = true;
+
+  /// @brief Construction options.
+  struct options {
+    int device{-1};                              ///< -1: the current device
+    std::optional<cuda_transfer_tuning> tuning;  ///< empty: `select_cuda_transfer_tuning`
+    cuda_transfer_mode mode{cuda_transfer_mode::automatic};
+  };
+
+  /// @brief A scheduler on the current device; fails with `errc::unsupported` when there is none.
+  [[nodiscard]] static result<cuda_transfer_scheduler> create(const engine_config&) { return create(options{}); }
+  /// @brief A scheduler with explicit options.
+  [[nodiscard]] static result<cuda_transfer_scheduler> create(const options& o) {
+    auto info = detail::cuda::query(o.device);
+    if (!info) return std::unexpected(info.error());
+    cuda_transfer_tuning t = o.tuning ? *o.tuning : select_cuda_transfer_tuning(info->cc_major, info->cc_minor);
+    if (t.slabs < 2 || t.slab_bytes < 4096 || t.threads < 32 || t.threads > 1024 || t.threads % 32 != 0 ||
+        t.max_fragment_bytes == 0 || t.dma_streams == 0 || t.descriptor_capacity < 1024)
+      return fail(errc::invalid_config, "cuda_transfer_scheduler: unusable tuning (slabs >= 2, slab_bytes >= 4096, "
+                                        "threads a multiple of 32 in [32, 1024], descriptor_capacity >= 1024)");
+    if (t.ctas == 0) t.ctas = static_cast<unsigned>(std::max(1, info->sm_count));
+    std::unique_ptr<impl> p;
+    try {
+      p = std::make_unique<impl>(*info, t, o.mode);
+    } catch (const std::exception& e) {
+      return fail(errc::out_of_memory, std::string("cuda_transfer_scheduler: ") + e.what());
+    }
+    if (auto r = p->init(); !r) return std::unexpected(r.error());
+    return cuda_transfer_scheduler(std::move(p));
+  }
+
+  cuda_transfer_scheduler(cuda_transfer_scheduler&&) noexcept = default;
+  cuda_transfer_scheduler& operator=(cuda_transfer_scheduler&&) noexcept = default;
+  cuda_transfer_scheduler(const cuda_transfer_scheduler&) = delete;
+  cuda_transfer_scheduler& operator=(const cuda_transfer_scheduler&) = delete;
+  ~cuda_transfer_scheduler() = default;
+
+  /// @brief Copies `ops`; the direction is inferred from the first and last op's pointers.
+  void submit(std::span<const copy_op> ops, transfer_callback done) {
+    if (!p_) {
+      done(fail(errc::shut_down, "cuda_transfer_scheduler: used after move"));
+      return;
+    }
+    p_->submit(ops, nullptr, std::move(done));
+  }
+
+  /// @brief Copies `ops` as `hints` describe (direction, cache side, event to wait for, stream to release).
+  void submit(std::span<const copy_op> ops, const transfer_hints& hints, transfer_callback done) {
+    if (!p_) {
+      done(fail(errc::shut_down, "cuda_transfer_scheduler: used after move"));
+      return;
+    }
+    p_->submit(ops, &hints, std::move(done));
+  }
+
+  /// @brief Blocks until every submitted batch has called its `done`.
+  void drain() {
+    if (p_) p_->drain();
+  }
+
+  /// @brief The tuning in use.
+  [[nodiscard]] const cuda_transfer_tuning& tuning() const noexcept { return p_->tune; }
+  /// @brief The device the scheduler copies to and from.
+  [[nodiscard]] int device() const noexcept { return p_ ? p_->dev.id : -1; }
+  /// @brief True when the staged kernels are loaded; false means every device batch is DMA-only.
+  [[nodiscard]] bool uses_kernels() const noexcept { return p_ && p_->kernels.has_value(); }
+  /// @brief Why the kernels are not in use (empty when they are).
+  [[nodiscard]] const std::string& kernel_status() const noexcept { return p_->kernel_note; }
+
+ private:
+  enum class route : std::uint8_t { host, store, retrieve, mixed };
+
+  struct slab {
+    std::byte* dev{nullptr};
+    cudaEvent_t ready{};  // filled (store: gathered; retrieve: DMA'd in)
+    cudaEvent_t free{};   // drained (store: DMA'd out; retrieve: scattered)
+  };
+
+  struct window {
+    std::size_t begin, end;
+    cudaEvent_t ev;
+  };
+
+  struct completion {
+    cudaEvent_t ev{};  // null: `res` is already known
+    result<void> res;
+    transfer_callback done;
+  };
+
+  struct run {
+    std::byte* host;
+    std::size_t slab_off;
+    std::size_t bytes;
+  };
+
+  struct planned_slab {
+    std::size_t first_frag, frags;
+    std::vector<run> runs;
+  };
+
+  // One direction: its own streams, slabs, descriptor ring and completion thread.
+  struct lane {
+    std::mutex m;  // serializes enqueueing
+    bool ready{false};
+    cudaStream_t stage{};  // kernels, high priority
+    cudaStream_t copy{};   // slab DMA
+    std::vector<cudaStream_t> dma;
+    std::vector<slab> slabs;
+    std::size_t next_slab{0};
+    detail::kernel_fragment* hdesc{nullptr};  // pinned
+    detail::kernel_fragment* ddesc{nullptr};
+    std::size_t cap{0}, head{0};
+    std::deque<window> windows;
+    std::vector<cudaEvent_t> event_pool;
+    std::vector<void*> dma_dst, dma_src;
+    std::vector<std::size_t> dma_size;
+    std::vector<planned_slab> plan;
+
+    std::mutex cm;
+    std::condition_variable ccv;
+    std::deque<completion> queue;
+    std::size_t pending{0};
+    bool stop{false};
+    std::thread worker;
+  };
+
+  struct impl {
+    impl(const detail::cuda::device_info& d, const cuda_transfer_tuning& t, cuda_transfer_mode m)
+        : dev(d), tune(t), mode(m) {}
+    impl(const impl&) = delete;
+    impl& operator=(const impl&) = delete;
+
+    detail::cuda::device_info dev;
+    cuda_transfer_tuning tune;
+    cuda_transfer_mode mode;
+    std::optional<detail::nvrtc::transfer_kernels> kernels;
+    std::string kernel_note;
+    lane lanes[2];  // 0: store (device -> host), 1: retrieve (host -> device)
+
+    result<void> init() {
+      detail::cuda::device_guard g(dev.id);
+      if (mode != cuda_transfer_mode::dma) {
+        auto k = detail::nvrtc::load_transfer_kernels(dev.id);
+        if (k)
+          kernels = *k;
+        else
+          kernel_note = k.error().what();
+      } else {
+        kernel_note = "DMA-only mode requested";
+      }
+      int lo = 0, hi = 0;
+      if (auto r = detail::cuda::check(cudaDeviceGetStreamPriorityRange(&lo, &hi), "cudaDeviceGetStreamPriorityRange"); !r)
+        return r;
+      for (auto& l : lanes) {
+        if (auto r = detail::cuda::check(cudaStreamCreateWithPriority(&l.stage, cudaStreamNonBlocking, hi),
+                                         "cudaStreamCreateWithPriority");
+            !r)
+          return r;
+        if (auto r = detail::cuda::check(cudaStreamCreateWithFlags(&l.copy, cudaStreamNonBlocking), "cudaStreamCreate"); !r)
+          return r;
+        l.dma.resize(tune.dma_streams);
+        for (auto& s : l.dma)
+          if (auto r = detail::cuda::check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate"); !r)
+            return r;
+        lane* lp = &l;
+        const int id = dev.id;
+        try {
+          l.worker = std::thread([lp, id] { complete_loop(*lp, id); });
+        } catch (const std::exception& e) {
+          return fail(errc::internal, std::string("cuda_transfer_scheduler: cannot start a thread: ") + e.what());
+        }
+      }
+      return {};
+    }
+
+    ~impl() {
+      drain();
+      for (auto& l : lanes) {
+        {
+          std::lock_guard lk(l.cm);
+          l.stop = true;
+        }
+        l.ccv.notify_all();
+        if (l.worker.joinable()) l.worker.join();
+      }
+      detail::cuda::device_guard g(dev.id);
+      for (auto& l : lanes) {
+        if (l.stage) (void)cudaStreamSynchronize(l.stage);
+        if (l.copy) (void)cudaStreamSynchronize(l.copy);
+        for (auto& s : l.dma) (void)cudaStreamSynchronize(s);
+        for (auto& w : l.windows) (void)cudaEventDestroy(w.ev);
+        for (auto e : l.event_pool) (void)cudaEventDestroy(e);
+        for (auto& s : l.slabs) {
+          if (s.dev) (void)cudaFree(s.dev);
+          if (s.ready) (void)cudaEventDestroy(s.ready);
+          if (s.free) (void)cudaEventDestroy(s.free);
+        }
+        if (l.hdesc) (void)cudaFreeHost(l.hdesc);
+        if (l.ddesc) (void)cudaFree(l.ddesc);
+        if (l.stage) (void)cudaStreamDestroy(l.stage);
+        if (l.copy) (void)cudaStreamDestroy(l.copy);
+        for (auto& s : l.dma) (void)cudaStreamDestroy(s);
+      }
+      (void)cudaGetLastError();
+    }
+
+    static void complete_loop(lane& l, int device) {
+      (void)cudaSetDevice(device);
+      for (;;) {
+        completion c;
+        {
+          std::unique_lock lk(l.cm);
+          l.ccv.wait(lk, [&] { return l.stop || !l.queue.empty(); });
+          if (l.queue.empty()) return;
+          c = std::move(l.queue.front());
+          l.queue.pop_front();
+        }
+        result<void> r = std::move(c.res);
+        if (c.ev) {
+          if (r) r = detail::cuda::check(cudaEventSynchronize(c.ev), "cuda_transfer_scheduler: transfer");
+          (void)cudaEventDestroy(c.ev);
+        }
+        c.done(std::move(r));
+        {
+          std::lock_guard lk(l.cm);
+          --l.pending;
+        }
+        l.ccv.notify_all();
+      }
+    }
+
+    void drain() {
+      for (auto& l : lanes) {
+        std::unique_lock lk(l.cm);
+        l.ccv.wait(lk, [&] { return l.pending == 0; });
+      }
+    }
+
+    void finish(lane& l, cudaEvent_t ev, result<void> r, transfer_callback done) {
+      {
+        std::lock_guard lk(l.cm);
+        l.queue.push_back({ev, std::move(r), std::move(done)});
+      }
+      l.ccv.notify_all();
+    }
+
+    static bool on_device(const void* p) {
+      cudaPointerAttributes a{};
+      if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+      }
+      return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
+    }
+
+    static route classify(std::span<const copy_op> ops, const transfer_hints* h) {
+      if (h) {
+        if (h->cache_location == memory_location::host) return route::host;
+        return h->direction == transfer_direction::to_store ? route::store : route::retrieve;
+      }
+      const auto one = [](const copy_op& op) {
+        if (on_device(op.src)) return route::store;
+        if (on_device(op.dst)) return route::retrieve;
+        return route::host;
+      };
+      const route a = one(ops.front());
+      if (ops.size() == 1 || a == one(ops.back())) return a;
+      return route::host;  // mixed: resolved per op below
+    }
+
+    void submit(std::span<const copy_op> ops, const transfer_hints* hints, transfer_callback done) {
+      if (ops.empty()) {
+        done(result<void>{});
+        return;
+      }
+      detail::cuda::device_guard g(dev.id);
+      route rt = classify(ops, hints);
+      if (rt == route::host && !hints) {
+        // Mixed or host-only batch: anything touching the device goes through the DMA path.
+        bool any_dev = false;
+        for (const auto& op : ops)
+          if (on_device(op.src) || on_device(op.dst)) {
+            any_dev = true;
+            break;
+          }
+        if (any_dev) rt = route::mixed;
+      }
+      if (rt == route::host) {
+        for (const auto& op : ops) std::memcpy(op.dst, op.src, op.bytes);
+        done(result<void>{});
+        return;
+      }
+      lane& l = lanes[rt == route::retrieve ? 1 : 0];
+      {
+        std::lock_guard lk(l.cm);
+        ++l.pending;
+      }
+      cudaEvent_t ev{};
+      result<void> r;
+      {
+        std::lock_guard lk(l.m);
+        r = enqueue(l, rt, ops, hints, ev);
+        if (!r) {
+          // Some work may be in flight on the lane's streams and still use the ops' memory.
+          (void)cudaStreamSynchronize(l.stage);
+          (void)cudaStreamSynchronize(l.copy);
+          for (auto s : l.dma) (void)cudaStreamSynchronize(s);
+          (void)cudaGetLastError();
+          if (ev) {
+            (void)cudaEventDestroy(ev);
+            ev = nullptr;
+          }
+        }
+      }
+      finish(l, ev, std::move(r), std::move(done));
+    }
+
+    result<void> lane_init(lane& l) {
+      if (l.ready) return {};
+      using detail::cuda::check;
+      if (kernels) {
+        l.slabs.resize(tune.slabs);
+        for (auto& s : l.slabs) {
+          if (auto r = check(cudaMalloc(reinterpret_cast<void**>(&s.dev), tune.slab_bytes), "cudaMalloc(staging slab)"); !r)
+            return r;
+          if (auto r = check(cudaEventCreateWithFlags(&s.ready, cudaEventDisableTiming), "cudaEventCreate"); !r) return r;
+          if (auto r = check(cudaEventCreateWithFlags(&s.free, cudaEventDisableTiming), "cudaEventCreate"); !r) return r;
+        }
+        l.cap = tune.descriptor_capacity;
+        const std::size_t bytes = l.cap * sizeof(detail::kernel_fragment);
+        if (auto r = check(cudaHostAlloc(reinterpret_cast<void**>(&l.hdesc), bytes, cudaHostAllocDefault),
+                           "cudaHostAlloc(descriptor ring)");
+            !r)
+          return r;
+        if (auto r = check(cudaMalloc(reinterpret_cast<void**>(&l.ddesc), bytes), "cudaMalloc(descriptor ring)"); !r)
+          return r;
+      }
+      l.ready = true;
+      return {};
+    }
+
+    result<cudaEvent_t> take_event(lane& l) {
+      if (!l.event_pool.empty()) {
+        cudaEvent_t e = l.event_pool.back();
+        l.event_pool.pop_back();
+        return e;
+      }
+      cudaEvent_t e{};
+      if (auto r = detail::cuda::check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate"); !r)
+        return std::unexpected(r.error());
+      return e;
+    }
+
+    // Room for `n` descriptors in the ring; waits for the oldest windows that overlap it.
+    result<std::size_t> ring_acquire(lane& l, std::size_t n) {
+      std::size_t pos = l.head + n > l.cap ? 0 : l.head;
+      std::size_t last = 0;
+      bool any = false;
+      for (std::size_t i = 0; i < l.windows.size(); ++i) {
+        const auto& w = l.windows[i];
+        if (pos < w.end && w.begin < pos + n) {
+          last = i;
+          any = true;
+        }
+      }
+      if (any) {
+        for (std::size_t i = 0; i <= last; ++i) {
+          auto w = l.windows.front();
+          l.windows.pop_front();
+          auto r = detail::cuda::check(cudaEventSynchronize(w.ev), "cudaEventSynchronize(descriptor ring)");
+          l.event_pool.push_back(w.ev);
+          if (!r) return std::unexpected(r.error());
+        }
+      }
+      l.head = pos + n;
+      return pos;
+    }
+
+    result<void> enqueue(lane& l, route rt, std::span<const copy_op> ops, const transfer_hints* h, cudaEvent_t& done_ev) {
+      using detail::cuda::check;
+      if (auto r = lane_init(l); !r) return r;
+      if (auto r = check(cudaEventCreateWithFlags(&done_ev, cudaEventDisableTiming | cudaEventBlockingSync),
+                         "cudaEventCreate");
+          !r)
+        return r;
+      const bool store = rt != route::retrieve;
+      auto* wait_ev = static_cast<cudaEvent_t>(h ? h->wait_event : nullptr);
+      bool staged = kernels.has_value() && mode != cuda_transfer_mode::dma && rt != route::mixed;
+      if (staged && mode == cuda_transfer_mode::automatic && tune.dma_min_fragment_bytes > 0) {
+        std::size_t total = 0;
+        for (const auto& op : ops) total += op.bytes;
+        staged = total / ops.size() < tune.dma_min_fragment_bytes;
+      }
+      cudaStream_t last = nullptr;
+      auto r = staged ? enqueue_staged(l, store, ops, wait_ev, last) : enqueue_dma(l, ops, wait_ev, last);
+      if (!r) return r;
+      if (auto e = check(cudaEventRecord(done_ev, last), "cudaEventRecord"); !e) return e;
+      if (!store && h && h->stream)
+        if (auto e = check(cudaStreamWaitEvent(static_cast<cudaStream_t>(h->stream), done_ev, 0),
+                           "cudaStreamWaitEvent(hints.stream)");
+            !e)
+          return e;
+      return {};
+    }
+
+    result<void> enqueue_dma(lane& l, std::span<const copy_op> ops, cudaEvent_t wait_ev, cudaStream_t& last) {
+      using detail::cuda::check;
+      const std::size_t nstreams = std::min<std::size_t>(l.dma.size(), ops.size());
+      // Fork: every DMA stream starts after what the caller asked for and after the lane's earlier work.
+      cudaEvent_t fork{};
+      if (auto e = take_event(l); !e) return std::unexpected(e.error()); else fork = *e;
+      auto give_back = [&](cudaEvent_t e) { l.event_pool.push_back(e); };
+      if (wait_ev)
+        if (auto r = check(cudaStreamWaitEvent(l.copy, wait_ev, 0), "cudaStreamWaitEvent(hints.wait_event)"); !r) return r;
+      if (auto r = check(cudaEventRecord(fork, l.copy), "cudaEventRecord"); !r) return r;
+      l.dma_dst.resize(ops.size());
+      l.dma_src.resize(ops.size());
+      l.dma_size.resize(ops.size());
+      for (std::size_t i = 0; i < ops.size(); ++i) {
+        l.dma_dst[i] = ops[i].dst;
+        l.dma_src[i] = const_cast<std::byte*>(ops[i].src);
+        l.dma_size[i] = ops[i].bytes;
+      }
+      cudaMemcpyAttributes attr{};
+      attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+      attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
+      std::size_t attr_idx = 0;
+      for (std::size_t s = 0; s < nstreams; ++s) {
+        const std::size_t b = ops.size() * s / nstreams, e = ops.size() * (s + 1) / nstreams;
+        if (auto r = check(cudaStreamWaitEvent(l.dma[s], fork, 0), "cudaStreamWaitEvent"); !r) return r;
+        cudaError_t err = cudaMemcpyBatchAsync(l.dma_dst.data() + b, l.dma_src.data() + b, l.dma_size.data() + b,
+                                               e - b, &attr, &attr_idx, 1, l.dma[s]);
+        if (err == cudaErrorNotSupported || err == cudaErrorInvalidValue) {
+          // Older drivers, or pointers the batch API refuses: one copy each.
+          (void)cudaGetLastError();
+          err = cudaSuccess;
+          for (std::size_t i = b; i < e && err == cudaSuccess; ++i)
+            err = cudaMemcpyAsync(l.dma_dst[i], l.dma_src[i], l.dma_size[i], cudaMemcpyDefault, l.dma[s]);
+        }
+        if (auto r = check(err, "cudaMemcpyBatchAsync"); !r) return r;
+      }
+      // Join back onto the copy stream.
+      for (std::size_t s = 0; s < nstreams; ++s) {
+        auto j = take_event(l);
+        if (!j) return std::unexpected(j.error());
+        if (auto r = check(cudaEventRecord(*j, l.dma[s]), "cudaEventRecord"); !r) return r;
+        if (auto r = check(cudaStreamWaitEvent(l.copy, *j, 0), "cudaStreamWaitEvent"); !r) return r;
+        give_back(*j);  // re-recording later is fine: the wait above captured this record
+      }
+      give_back(fork);
+      last = l.copy;
+      return {};
+    }
+
+    result<void> enqueue_staged(lane& l, bool store, std::span<const copy_op> ops, cudaEvent_t wait_ev,
+                                cudaStream_t& last) {
+      using detail::cuda::check;
+      const std::size_t window_cap = std::max<std::size_t>(l.cap / 4, 1);
+      const std::size_t slab_bytes = tune.slab_bytes;
+      if (wait_ev) {
+        cudaStream_t first = store ? l.stage : l.copy;
+        if (auto r = check(cudaStreamWaitEvent(first, wait_ev, 0), "cudaStreamWaitEvent(hints.wait_event)"); !r) return r;
+      }
+      std::size_t op_i = 0, op_off = 0;
+      while (op_i < ops.size()) {
+        // Plan one window of descriptors: whole slabs, each a list of fragments and host runs.
+        auto base = ring_acquire(l, window_cap);
+        if (!base) return std::unexpected(base.error());
+        l.plan.clear();
+        std::size_t nfr = 0;
+        const std::size_t first_slab = l.next_slab;
+        while (op_i < ops.size() && nfr < window_cap) {
+          const std::size_t b = (first_slab + l.plan.size()) % l.slabs.size();
+          std::byte* const sbase = l.slabs[b].dev;
+          planned_slab ps{nfr, 0, {}};
+          std::size_t used = 0;
+          while (op_i < ops.size() && nfr < window_cap) {
+            const copy_op& op = ops[op_i];
+            if (op.bytes == 0) {
+              ++op_i;
+              continue;
+            }
+            std::byte* host = store ? op.dst + op_off : const_cast<std::byte*>(op.src) + op_off;
+            std::byte* cache = store ? const_cast<std::byte*>(op.src) + op_off : op.dst + op_off;
+            const bool extends = !ps.runs.empty() && ps.runs.back().host + ps.runs.back().bytes == host;
+            std::size_t off = used;
+            if (!extends) {
+              // A new run keeps the host address's alignment so the kernel can use 16-byte accesses.
+              const std::size_t mis = reinterpret_cast<std::uintptr_t>(host) % 256;
+              off = (used + 255) / 256 * 256 + mis;
+              if (off >= slab_bytes) break;
+            }
+            const std::size_t left = op.bytes - op_off;
+            const std::size_t piece = std::min({left, tune.max_fragment_bytes, slab_bytes - off});
+            if (piece == 0) break;
+            auto& d = l.hdesc[*base + nfr];
+            const auto slab_addr = reinterpret_cast<std::uint64_t>(sbase + off);
+            const auto cache_addr = reinterpret_cast<std::uint64_t>(cache);
+            d.src = store ? cache_addr : slab_addr;
+            d.dst = store ? slab_addr : cache_addr;
+            d.bytes = piece;
+            d.reserved = 0;
+            ++nfr;
+            if (extends)
+              ps.runs.back().bytes += piece;
+            else
+              ps.runs.push_back({host, off, piece});
+            used = off + piece;
+            op_off += piece;
+            if (op_off == op.bytes) {
+              ++op_i;
+              op_off = 0;
+            }
+            if (used >= slab_bytes) break;
+          }
+          ps.frags = nfr - ps.first_frag;
+          if (ps.frags == 0) break;
+          l.plan.push_back(std::move(ps));
+        }
+        if (nfr == 0) {
+          if (op_i >= ops.size()) break;  // only empty ops were left
+          return fail(errc::internal, "cuda_transfer_scheduler: planned an empty window");
+        }
+        // Descriptors go up on the stage stream, ahead of the kernels that read them.
+        if (auto r = check(cudaMemcpyAsync(l.ddesc + *base, l.hdesc + *base, nfr * sizeof(detail::kernel_fragment),
+                                           cudaMemcpyHostToDevice, l.stage),
+                           "cudaMemcpyAsync(descriptors)");
+            !r)
+          return r;
+        for (const auto& ps : l.plan) {
+          slab& s = l.slabs[l.next_slab++ % l.slabs.size()];
+          if (store) {
+            if (auto r = gather_or_scatter(l, true, l.ddesc + *base + ps.first_frag, ps.frags, s.free); !r) return r;
+            if (auto r = check(cudaEventRecord(s.ready, l.stage), "cudaEventRecord"); !r) return r;
+            if (auto r = check(cudaStreamWaitEvent(l.copy, s.ready, 0), "cudaStreamWaitEvent"); !r) return r;
+            for (const auto& rn : ps.runs)
+              if (auto r = check(cudaMemcpyAsync(rn.host, s.dev + rn.slab_off, rn.bytes, cudaMemcpyDeviceToHost, l.copy),
+                                 "cudaMemcpyAsync(slab -> host)");
+                  !r)
+                return r;
+            if (auto r = check(cudaEventRecord(s.free, l.copy), "cudaEventRecord"); !r) return r;
+          } else {
+            if (auto r = check(cudaStreamWaitEvent(l.copy, s.free, 0), "cudaStreamWaitEvent"); !r) return r;
+            for (const auto& rn : ps.runs)
+              if (auto r = check(cudaMemcpyAsync(s.dev + rn.slab_off, rn.host, rn.bytes, cudaMemcpyHostToDevice, l.copy),
+                                 "cudaMemcpyAsync(host -> slab)");
+                  !r)
+                return r;
+            if (auto r = check(cudaEventRecord(s.ready, l.copy), "cudaEventRecord"); !r) return r;
+            if (auto r = gather_or_scatter(l, false, l.ddesc + *base + ps.first_frag, ps.frags, s.ready); !r) return r;
+            if (auto r = check(cudaEventRecord(s.free, l.stage), "cudaEventRecord"); !r) return r;
+          }
+        }
+        auto wev = take_event(l);
+        if (!wev) return std::unexpected(wev.error());
+        if (auto r = check(cudaEventRecord(*wev, l.stage), "cudaEventRecord"); !r) {
+          l.event_pool.push_back(*wev);
+          return r;
+        }
+        l.windows.push_back({*base, *base + window_cap, *wev});
+      }
+      last = store ? l.copy : l.stage;
+      return {};
+    }
+
+    // Launches the gather (store) or scatter (retrieve) kernel on the stage stream after `after`.
+    result<void> gather_or_scatter(lane& l, bool gather, detail::kernel_fragment* frags, std::size_t n, cudaEvent_t after) {
+      using detail::cuda::check;
+      if (auto r = check(cudaStreamWaitEvent(l.stage, after, 0), "cudaStreamWaitEvent"); !r) return r;
+      auto* f = frags;
+      auto count = static_cast<unsigned>(n);
+      void* args[] = {&f, &count};
+      const unsigned warps_per_cta = tune.threads / 32;
+      const unsigned ctas = std::max(1u, std::min(tune.ctas, static_cast<unsigned>((n + warps_per_cta - 1) / warps_per_cta)));
+      const cudaKernel_t k = gather ? kernels->gather : kernels->scatter;
+      return check(cudaLaunchKernel(reinterpret_cast<const void*>(k), dim3(ctas), dim3(tune.threads), args, 0, l.stage),
+                   gather ? "cudaLaunchKernel(gather)" : "cudaLaunchKernel(scatter)");
+    }
+  };
+
+  explicit cuda_transfer_scheduler(std::unique_ptr<impl> p) noexcept : p_(std::move(p)) {}
+
+  std::unique_ptr<impl> p_;
+};
+
+static_assert(transfer_scheduler<cuda_transfer_scheduler>,
+              "cuda_transfer_scheduler does not satisfy kvortex::transfer_scheduler");
+
+}  // namespace kvortex
