@@ -479,3 +479,14 @@ TEST_CASE("shutdown waits for transfers in flight") {
   releaser.join();
   CHECK(e.get_allocator().bytes_reserved() == 0);
 }
+
+TEST_CASE("making room for a prompt's tail never evicts its own head") {
+  auto e = make<host_engine>(small_config(3));
+  const auto a = make_tokens(96, 161);
+  const auto a_head = std::span(a).first(64);
+  REQUIRE(store_prompt(e, a_head) == 64);              // LRU: a0 a1
+  REQUIRE(store_prompt(e, make_tokens(32, 162)) == 32);  // LRU: a0 a1 b, full
+  CHECK(store_prompt(e, a) == 32);                      // a0, a1 are held and touched; b goes
+  CHECK(e.lookup(a).value() == 96);
+  CHECK(e.stats().evictions == 1);
+}

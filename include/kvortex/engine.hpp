@@ -761,15 +761,29 @@ class basic_engine {
   }
 
   // Reserves every key not yet present, in order; stops at the first that cannot be placed.
+  // Keys already present are touched and held while the rest is placed, so making room for a
+  // prompt's tail never evicts its own head.
   result<std::vector<reservation>> reserve_all(std::span<const chunk_key> keys, std::span<const std::size_t> sizes,
                                                const char* op) {
     auto& st = *s_;
     std::vector<reservation> out;
+    std::vector<entry*> held;  // map nodes stay put while other entries come and go
     std::unique_lock lk(st.mu);
     if (st.stopped.load(std::memory_order_relaxed)) return stopped_error(op);
+    struct release_held {
+      std::vector<entry*>& v;
+      ~release_held() {
+        for (entry* e : v) --e->pins;
+      }
+    } unpin{held};
     for (std::size_t i = 0; i < keys.size(); ++i) {
-      if (st.index.contains(keys[i])) {
+      if (const auto it = st.index.find(keys[i]); it != st.index.end()) {
         st.deduplicated_chunks.fetch_add(1, std::memory_order_relaxed);
+        if (it->second.ready) {
+          ++it->second.pins;
+          held.push_back(&it->second);
+          st.eviction.on_access(it->first);
+        }
         continue;
       }
       auto h = reserve_locked(keys[i], sizes[i]);

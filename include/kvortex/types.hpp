@@ -22,8 +22,13 @@ using token_id = std::int32_t;
 struct chunk_key {
   std::array<std::byte, 32> bytes{};
 
-  friend bool operator==(const chunk_key&, const chunk_key&) = default;
-  friend auto operator<=>(const chunk_key&, const chunk_key&) = default;
+  // memcmp: the defaulted operator compares byte by byte, a hot spot in index lookups.
+  friend bool operator==(const chunk_key& a, const chunk_key& b) noexcept {
+    return std::memcmp(a.bytes.data(), b.bytes.data(), a.bytes.size()) == 0;
+  }
+  friend std::strong_ordering operator<=>(const chunk_key& a, const chunk_key& b) noexcept {
+    return std::memcmp(a.bytes.data(), b.bytes.data(), a.bytes.size()) <=> 0;
+  }
 
   /// @brief Lower-case hex of all 32 bytes.
   [[nodiscard]] std::string hex() const {

@@ -21,12 +21,13 @@ namespace kvortex {
 /// @brief Chains chunk keys with SHA-256, the hash vLLM uses by default.
 ///
 /// `root(seed) = SHA-256("kvortex-root\0" || seed)`;
-/// `chain(parent, tokens) = SHA-256(parent's 32 bytes || tokens as little-endian int32)`.
+/// `chain(parent, tokens) = SHA-256(detail::chain_message(parent, tokens))`.
 /// Collision resistant, so tenants that do not trust each other can share a store (given a
 /// per-tenant `cache_salt`). OpenSSL picks SHA-NI or ARMv8 SHA instructions where present.
 ///
-/// The algorithm is fetched once in `create` and shared by copies; each thread keeps one digest
-/// context that every `sha256_hasher` reuses, so `chain` does not allocate. Thread-safe.
+/// The algorithm is fetched once in `create` and shared by copies; each thread keeps an initialised
+/// template context and a working one, so `chain` neither allocates nor re-initialises (OpenSSL's
+/// init costs as much as hashing a kilobyte). Thread-safe.
 class sha256_hasher {
  public:
   static constexpr std::string_view name = "sha256";
@@ -49,9 +50,9 @@ class sha256_hasher {
 
   /// @brief The key of the chunk `tokens` following the chunk keyed `parent`.
   [[nodiscard]] chunk_key chain(const chunk_key& parent, std::span<const token_id> tokens) const noexcept {
+    const auto msg = detail::chain_message(parent, tokens);
     EVP_MD_CTX* ctx = begin();
-    EVP_DigestUpdate(ctx, parent.bytes.data(), parent.bytes.size());
-    detail::for_each_token_bytes(tokens, [ctx](const void* p, std::size_t n) { EVP_DigestUpdate(ctx, p, n); });
+    EVP_DigestUpdate(ctx, msg.data(), msg.size());
     return finish(ctx);
   }
 
@@ -65,9 +66,18 @@ class sha256_hasher {
   // OpenSSL only fails these on allocation failure or a null algorithm, neither of which can
   // happen once create() succeeded and the context exists; a context that cannot be made is fatal.
   EVP_MD_CTX* begin() const noexcept {
-    thread_local const std::unique_ptr<EVP_MD_CTX, ctx_deleter> ctx(EVP_MD_CTX_new());
-    if (ctx == nullptr || EVP_DigestInit_ex2(ctx.get(), md_.get(), nullptr) != 1) std::terminate();
-    return ctx.get();
+    struct contexts {
+      std::unique_ptr<EVP_MD_CTX, ctx_deleter> fresh{EVP_MD_CTX_new()}, work{EVP_MD_CTX_new()};
+      const EVP_MD* md{nullptr};
+    };
+    thread_local contexts c;
+    if (c.fresh == nullptr || c.work == nullptr) std::terminate();
+    if (c.md != md_.get()) {  // first use on this thread, or another fetch of the algorithm
+      if (EVP_DigestInit_ex2(c.fresh.get(), md_.get(), nullptr) != 1) std::terminate();
+      c.md = md_.get();
+    }
+    if (EVP_MD_CTX_copy_ex(c.work.get(), c.fresh.get()) != 1) std::terminate();
+    return c.work.get();
   }
 
   static chunk_key finish(EVP_MD_CTX* ctx) noexcept {

@@ -32,8 +32,8 @@ namespace kvortex {
 /// Anyone who can choose token sequences can construct two prompts with the same key and make
 /// one request read another's KV cache, so use it only in trusted single-tenant deployments;
 /// `sha256_hasher` is the safe default. Same chaining as `sha256_hasher`:
-/// `root(seed) = H("kvortex-root\0" || seed)`, `chain(parent, tokens) = H(parent's 32 bytes ||
-/// tokens as little-endian int32)`. The 16 digest bytes (canonical big-endian form, equal on
+/// `root(seed) = H("kvortex-root\0" || seed)`, `chain(parent, tokens) =
+/// H(detail::chain_message(parent, tokens))`. The 16 digest bytes (canonical big-endian form, equal on
 /// every platform) fill the key's first 16 bytes; the other 16 are zero. Stateless; thread-safe.
 class xxh3_hasher {
  public:
@@ -51,12 +51,8 @@ class xxh3_hasher {
 
   /// @brief The key of the chunk `tokens` following the chunk keyed `parent`.
   [[nodiscard]] chunk_key chain(const chunk_key& parent, std::span<const token_id> tokens) const noexcept {
-    XXH3_state_t st;
-    XXH3_INITSTATE(&st);
-    XXH3_128bits_reset(&st);
-    XXH3_128bits_update(&st, parent.bytes.data(), parent.bytes.size());
-    detail::for_each_token_bytes(tokens, [&st](const void* p, std::size_t n) { XXH3_128bits_update(&st, p, n); });
-    return to_key(XXH3_128bits_digest(&st));
+    const auto msg = detail::chain_message(parent, tokens);
+    return to_key(XXH3_128bits(msg.data(), msg.size()));
   }
 
  private:

@@ -45,11 +45,14 @@ struct cuda_transfer_tuning {
 /// @brief The tuning for a device of compute capability `major.minor`.
 [[nodiscard]] constexpr cuda_transfer_tuning select_cuda_transfer_tuning(int major, [[maybe_unused]] int minor) noexcept {
   constexpr std::size_t MiB = std::size_t{1} << 20, KiB = std::size_t{1} << 10;
-  if (major >= 9)  // Hopper and later: ~55 GB/s PCIe Gen5; slabs deep enough to ride out a long compute kernel
-    return {.slab_bytes = 32 * MiB, .slabs = 4, .ctas = 16, .threads = 512, .max_fragment_bytes = 64 * KiB,
+  // One short CTA per SM: beside a GEMM that holds every SM, the kernels only get SMs between its
+  // kernels, and must gather a whole slab in that gap (16 CTAs kept 40% of PCIe there, a full
+  // grid 74-87%, for the same GEMM cost; H100, see benchmarks/gpu-bench-transfer.cpp).
+  if (major >= 9)  // Hopper and later: ~55 GB/s PCIe Gen5
+    return {.slab_bytes = 32 * MiB, .slabs = 4, .ctas = 0, .threads = 512, .max_fragment_bytes = 64 * KiB,
             .dma_min_fragment_bytes = 0, .dma_streams = 4, .descriptor_capacity = std::size_t{1} << 18};
   if (major == 8)
-    return {.slab_bytes = 16 * MiB, .slabs = 3, .ctas = 16, .threads = 512, .max_fragment_bytes = 64 * KiB,
+    return {.slab_bytes = 16 * MiB, .slabs = 3, .ctas = 0, .threads = 512, .max_fragment_bytes = 64 * KiB,
             .dma_min_fragment_bytes = 0, .dma_streams = 4, .descriptor_capacity = std::size_t{1} << 17};
   return {.slab_bytes = 8 * MiB, .slabs = 2, .ctas = 8, .threads = 256, .max_fragment_bytes = 32 * KiB,
           .dma_min_fragment_bytes = 0, .dma_streams = 2, .descriptor_capacity = std::size_t{1} << 16};
@@ -596,41 +599,13 @@ class cuda_transfer_scheduler {
           }
           ps.frags = nfr - ps.first_frag;
           if (ps.frags == 0) break;
+          // Enqueued at once, so the GPU starts while later slabs are still being planned.
+          if (auto r = enqueue_slab(l, store, *base, ps); !r) return r;
           l.plan.push_back(std::move(ps));
         }
         if (nfr == 0) {
           if (op_i >= ops.size()) break;  // only empty ops were left
           return fail(errc::internal, "cuda_transfer_scheduler: planned an empty window");
-        }
-        // Descriptors go up on the stage stream, ahead of the kernels that read them.
-        if (auto r = check(cudaMemcpyAsync(l.ddesc + *base, l.hdesc + *base, nfr * sizeof(detail::kernel_fragment),
-                                           cudaMemcpyHostToDevice, l.stage),
-                           "cudaMemcpyAsync(descriptors)");
-            !r)
-          return r;
-        for (const auto& ps : l.plan) {
-          slab& s = l.slabs[l.next_slab++ % l.slabs.size()];
-          if (store) {
-            if (auto r = gather_or_scatter(l, true, l.ddesc + *base + ps.first_frag, ps.frags, s.free); !r) return r;
-            if (auto r = check(cudaEventRecord(s.ready, l.stage), "cudaEventRecord"); !r) return r;
-            if (auto r = check(cudaStreamWaitEvent(l.copy, s.ready, 0), "cudaStreamWaitEvent"); !r) return r;
-            for (const auto& rn : ps.runs)
-              if (auto r = check(cudaMemcpyAsync(rn.host, s.dev + rn.slab_off, rn.bytes, cudaMemcpyDeviceToHost, l.copy),
-                                 "cudaMemcpyAsync(slab -> host)");
-                  !r)
-                return r;
-            if (auto r = check(cudaEventRecord(s.free, l.copy), "cudaEventRecord"); !r) return r;
-          } else {
-            if (auto r = check(cudaStreamWaitEvent(l.copy, s.free, 0), "cudaStreamWaitEvent"); !r) return r;
-            for (const auto& rn : ps.runs)
-              if (auto r = check(cudaMemcpyAsync(s.dev + rn.slab_off, rn.host, rn.bytes, cudaMemcpyHostToDevice, l.copy),
-                                 "cudaMemcpyAsync(host -> slab)");
-                  !r)
-                return r;
-            if (auto r = check(cudaEventRecord(s.ready, l.copy), "cudaEventRecord"); !r) return r;
-            if (auto r = gather_or_scatter(l, false, l.ddesc + *base + ps.first_frag, ps.frags, s.ready); !r) return r;
-            if (auto r = check(cudaEventRecord(s.free, l.stage), "cudaEventRecord"); !r) return r;
-          }
         }
         auto wev = take_event(l);
         if (!wev) return std::unexpected(wev.error());
@@ -642,6 +617,39 @@ class cuda_transfer_scheduler {
       }
       last = store ? l.copy : l.stage;
       return {};
+    }
+
+    // Uploads one planned slab's descriptors and queues its kernel and DMAs.
+    result<void> enqueue_slab(lane& l, bool store, std::size_t base, const planned_slab& ps) {
+      using detail::cuda::check;
+      detail::kernel_fragment* d = l.ddesc + base + ps.first_frag;
+      // Descriptors go up on the stage stream, ahead of the kernel that reads them.
+      if (auto r = check(cudaMemcpyAsync(d, l.hdesc + base + ps.first_frag, ps.frags * sizeof(detail::kernel_fragment),
+                                         cudaMemcpyHostToDevice, l.stage),
+                         "cudaMemcpyAsync(descriptors)");
+          !r)
+        return r;
+      slab& s = l.slabs[l.next_slab++ % l.slabs.size()];
+      if (store) {
+        if (auto r = gather_or_scatter(l, true, d, ps.frags, s.free); !r) return r;
+        if (auto r = check(cudaEventRecord(s.ready, l.stage), "cudaEventRecord"); !r) return r;
+        if (auto r = check(cudaStreamWaitEvent(l.copy, s.ready, 0), "cudaStreamWaitEvent"); !r) return r;
+        for (const auto& rn : ps.runs)
+          if (auto r = check(cudaMemcpyAsync(rn.host, s.dev + rn.slab_off, rn.bytes, cudaMemcpyDeviceToHost, l.copy),
+                             "cudaMemcpyAsync(slab -> host)");
+              !r)
+            return r;
+        return check(cudaEventRecord(s.free, l.copy), "cudaEventRecord");
+      }
+      if (auto r = check(cudaStreamWaitEvent(l.copy, s.free, 0), "cudaStreamWaitEvent"); !r) return r;
+      for (const auto& rn : ps.runs)
+        if (auto r = check(cudaMemcpyAsync(s.dev + rn.slab_off, rn.host, rn.bytes, cudaMemcpyHostToDevice, l.copy),
+                           "cudaMemcpyAsync(host -> slab)");
+            !r)
+          return r;
+      if (auto r = check(cudaEventRecord(s.ready, l.copy), "cudaEventRecord"); !r) return r;
+      if (auto r = gather_or_scatter(l, false, d, ps.frags, s.ready); !r) return r;
+      return check(cudaEventRecord(s.free, l.stage), "cudaEventRecord");
     }
 
     // Launches the gather (store) or scatter (retrieve) kernel on the stage stream after `after`.

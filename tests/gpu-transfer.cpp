@@ -1,0 +1,347 @@
+// GPU data path: bit-exact round trips through the pinned pool and the CUDA scheduler for every
+// layout and element size, hints (events, streams), concurrency, DMA-only mode, pool growth.
+// Every test skips with a message when no GPU is present.
+
+#include "gpu_support.hpp"
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+
+using namespace kvortex;
+using namespace kvg;
+
+namespace {
+
+// Stores `n` tokens from `src` (blocks `ts`), retrieves them into `dst` (blocks `td`) and checks
+// `dst` byte for byte: retrieved tokens hold `src`'s KV, every other byte is untouched.
+void round_trip(gpu_engine& e, device_cache& src, std::span<const std::int32_t> ts, device_cache& dst,
+                std::span<const std::int32_t> td, std::span<const token_id> toks, std::size_t expect_tokens) {
+  auto st = e.store(toks, src.device_layout(), ts);
+  REQUIRE_MESSAGE(st.has_value(), (st ? "" : st.error().what()));
+  auto stored = st->wait();
+  REQUIRE_MESSAGE(stored.has_value(), (stored ? "" : stored.error().what()));
+  CHECK(*stored == expect_tokens);
+  CHECK(e.lookup(toks).value() == expect_tokens);
+
+  auto rt = e.retrieve(toks, dst.device_layout(), td);
+  REQUIRE_MESSAGE(rt.has_value(), (rt ? "" : rt.error().what()));
+  auto got = rt->wait();
+  REQUIRE_MESSAGE(got.has_value(), (got ? "" : got.error().what()));
+  CHECK(*got == expect_tokens);
+
+  auto img = image(src.mirror_layout(), ts, *got);
+  apply(dst.mirror_layout(), td, *got, img);
+  CHECK(differences(dst.download(), dst.host) == 0);
+}
+
+}  // namespace
+
+TEST_CASE("gpu: bit-exact round trip for every layout and element size") {
+  KVG_REQUIRE_GPU();
+  for (std::uint32_t elem : {1u, 2u, 4u}) {
+    for (const auto& lc : all_layouts(elem)) {
+      CAPTURE(lc.name);
+      CAPTURE(elem);
+      auto e = make_engine(config_for(lc.geometry));
+      const std::size_t n = 100;  // 3 full chunks of 32 and a partial one of 4
+      const std::size_t nb = lc.paged ? 24 : 7;
+      const std::size_t blocks = (n + 15) / 16;
+      device_cache src(lc, nb, 16), dst(lc, nb, 16);
+      src.randomize(elem * 100 + 1);
+      dst.randomize(elem * 100 + 2);
+      const auto ts = lc.paged ? random_table(blocks, nb, 11 + elem) : std::vector<std::int32_t>{};
+      const auto td = lc.paged ? random_table(blocks, nb, 29 + elem) : std::vector<std::int32_t>{};
+      const auto toks = tokens(n, 5 + elem);
+      // Page layouts carry whole blocks only: the partial chunk's 4 tokens are not stored.
+      const std::size_t expect = lc.name == "pages" ? 96 : n;
+      round_trip(e, src, ts, dst, td, toks, expect);
+    }
+  }
+}
+
+TEST_CASE("gpu: store from one layout, retrieve into another (NHD -> HND, FlashAttention -> FlashInfer)") {
+  KVG_REQUIRE_GPU();
+  const auto layouts = all_layouts(2);
+  const auto find = [&](const std::string& n) -> const layout_case& {
+    for (const auto& l : layouts)
+      if (l.name == n) return l;
+    FAIL("no layout " << n);
+    return layouts.front();
+  };
+  const auto& a = find("flash_attn_nhd");
+  for (const char* other : {"flash_attn_hnd", "flashinfer_nhd", "flashinfer_hnd"}) {
+    CAPTURE(other);
+    const auto& b = find(other);
+    auto e = make_engine(config_for(a.geometry));
+    device_cache src(a, 40, 16), dst(b, 40, 16);
+    src.randomize(3);
+    dst.randomize(4);
+    const auto toks = tokens(320, 9);
+    round_trip(e, src, random_table(20, 40, 1), dst, random_table(20, 40, 2), toks, 320);
+  }
+}
+
+TEST_CASE("gpu: larger fragments and many slabs (32 KiB blocks, 8 MiB of KV)") {
+  KVG_REQUIRE_GPU();
+  layout_case lc = all_layouts(2).front();  // flash_attn_nhd
+  lc.geometry = geo(8, 2, 8, 128, 2);        // 2 KiB rows: 32 KiB blocks
+  lc.tensors = 8;
+  auto c = config_for(lc.geometry, 64);
+  c.chunk_tokens = 256;
+  auto e = make_engine(c);
+  device_cache src(lc, 300, 16), dst(lc, 300, 16);
+  src.randomize(7);
+  dst.randomize(8);
+  const auto toks = tokens(2000, 3);  // 7 full chunks, 208 tokens partial
+  round_trip(e, src, random_table(125, 300, 5), dst, random_table(125, 300, 6), toks, 2000);
+}
+
+TEST_CASE("gpu: several threads store and retrieve at once") {
+  KVG_REQUIRE_GPU();
+  const auto lc = all_layouts(2).front();
+  auto e = make_engine(config_for(lc.geometry, 256));
+  constexpr int threads = 4;
+  std::atomic<int> failures{0};
+  std::vector<std::thread> ts;
+  std::vector<std::unique_ptr<device_cache>> srcs, dsts;
+  for (int t = 0; t < threads; ++t) {
+    srcs.push_back(std::make_unique<device_cache>(lc, 64, 16));
+    dsts.push_back(std::make_unique<device_cache>(lc, 64, 16));
+    srcs.back()->randomize(100 + t);
+    dsts.back()->randomize(200 + t);
+  }
+  for (int t = 0; t < threads; ++t)
+    ts.emplace_back([&, t] {
+      const auto toks = tokens(500, 1000 + t);
+      const auto tsrc = random_table(32, 64, 300 + t), tdst = random_table(32, 64, 400 + t);
+      for (int rep = 0; rep < 3; ++rep) {
+        auto st = e.store(toks, srcs[t]->device_layout(), tsrc);
+        if (!st || !st->wait()) ++failures;
+        auto rt = e.retrieve(toks, dsts[t]->device_layout(), tdst);
+        if (!rt) {
+          ++failures;
+          continue;
+        }
+        auto got = rt->wait();
+        if (!got || *got != 500) ++failures;
+      }
+    });
+  for (auto& t : ts) t.join();
+  CHECK(failures.load() == 0);
+  for (int t = 0; t < threads; ++t) {
+    auto img = image(srcs[t]->mirror_layout(), random_table(32, 64, 300 + t), 500);
+    apply(dsts[t]->mirror_layout(), random_table(32, 64, 400 + t), 500, img);
+    CHECK(differences(dsts[t]->download(), dsts[t]->host) == 0);
+  }
+}
+
+TEST_CASE("gpu: retrieve releases the caller's stream; store waits for the caller's event") {
+  KVG_REQUIRE_GPU();
+  auto sched = cuda_transfer_scheduler::create(cuda_transfer_scheduler::options{});
+  REQUIRE(sched.has_value());
+  constexpr std::size_t frag = 8192, count = 2048, bytes = frag * count;  // 16 MiB in 2048 fragments
+  std::byte *dev = nullptr, *host = nullptr, *check = nullptr;
+  KVG_CUDA(cudaMalloc(reinterpret_cast<void**>(&dev), 2 * bytes));
+  KVG_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&host), bytes, cudaHostAllocDefault));
+  KVG_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&check), bytes, cudaHostAllocDefault));
+  std::mt19937_64 rng(1);
+  for (std::size_t i = 0; i < bytes / 8; ++i) reinterpret_cast<std::uint64_t*>(host)[i] = rng();
+  // Device fragments at every other 8 KiB slot, in a shuffled order.
+  const auto order = random_table(count, 2 * count, 77);
+  std::vector<copy_op> to_dev, to_host;
+  for (std::size_t i = 0; i < count; ++i) {
+    to_dev.push_back({host + i * frag, dev + static_cast<std::size_t>(order[i]) * frag, frag});
+    to_host.push_back({dev + static_cast<std::size_t>(order[i]) * frag, host + i * frag, frag});
+  }
+  cudaStream_t s{};
+  KVG_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  cudaEvent_t ev{};
+  KVG_CUDA(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+
+  // Retrieve with a stream: work queued on it afterwards sees the data without a host wait.
+  std::atomic<bool> done{false};
+  transfer_hints h{transfer_direction::from_store, memory_location::device, nullptr, s};
+  sched->submit(to_dev, h, [&](result<void> r) {
+    CHECK(r.has_value());
+    done = true;
+  });
+  for (std::size_t i = 0; i < count; ++i)
+    KVG_CUDA(cudaMemcpyAsync(check + i * frag, dev + static_cast<std::size_t>(order[i]) * frag, frag,
+                             cudaMemcpyDeviceToHost, s));
+  KVG_CUDA(cudaStreamSynchronize(s));
+  CHECK(std::memcmp(check, host, bytes) == 0);
+  sched->drain();
+  CHECK(done.load());
+
+  // Store that waits for an event: the caller rewrites the device fragments first.
+  KVG_CUDA(cudaMemsetAsync(dev, 0x5A, 2 * bytes, s));
+  KVG_CUDA(cudaEventRecord(ev, s));
+  transfer_hints hs{transfer_direction::to_store, memory_location::device, ev, nullptr};
+  std::atomic<bool> ok{false};
+  sched->submit(to_host, hs, [&](result<void> r) { ok = r.has_value(); });
+  sched->drain();
+  CHECK(ok.load());
+  std::size_t bad = 0;
+  for (std::size_t i = 0; i < bytes; ++i) bad += host[i] != std::byte{0x5A};
+  CHECK(bad == 0);
+
+  (void)cudaEventDestroy(ev);
+  (void)cudaStreamDestroy(s);
+  (void)cudaFree(dev);
+  (void)cudaFreeHost(host);
+  (void)cudaFreeHost(check);
+}
+
+TEST_CASE("gpu: DMA-only mode and the kernels give the same bytes") {
+  KVG_REQUIRE_GPU();
+  layout_case lc = all_layouts(2).front();
+  auto c = config_for(lc.geometry);
+  for (auto mode : {cuda_transfer_mode::dma, cuda_transfer_mode::staged}) {
+    CAPTURE(static_cast<int>(mode));
+    cuda_transfer_scheduler::options o;
+    o.mode = mode;
+    auto s = cuda_transfer_scheduler::create(o);
+    REQUIRE(s.has_value());
+    if (mode == cuda_transfer_mode::staged && !s->uses_kernels()) {
+      MESSAGE("kernels unavailable: " << s->kernel_status());
+      continue;
+    }
+    auto e = gpu_engine::create(c, pinned_host_allocator::create(c).value(), sha256_hasher::create().value(),
+                                lru_eviction{}, cpu_backend{}, std::move(*s));
+    REQUIRE(e.has_value());
+    device_cache src(lc, 24, 16), dst(lc, 24, 16);
+    src.randomize(1);
+    dst.randomize(2);
+    round_trip(*e, src, random_table(7, 24, 3), dst, random_table(7, 24, 4), tokens(100, 1), 100);
+  }
+}
+
+TEST_CASE("gpu: small staging slabs and descriptor ring force many windows") {
+  KVG_REQUIRE_GPU();
+  layout_case lc = all_layouts(2)[1];  // flash_attn_hnd: 64-byte fragments
+  auto c = config_for(lc.geometry, 256);
+  cuda_transfer_scheduler::options o;
+  o.mode = cuda_transfer_mode::staged;
+  o.tuning = cuda_transfer_tuning{.slab_bytes = 8192, .slabs = 2, .ctas = 2, .threads = 64,
+                                  .max_fragment_bytes = 1024, .dma_min_fragment_bytes = 0, .dma_streams = 2,
+                                  .descriptor_capacity = 1024};
+  auto s = cuda_transfer_scheduler::create(o);
+  REQUIRE(s.has_value());
+  auto e = gpu_engine::create(c, pinned_host_allocator::create(c).value(), sha256_hasher::create().value(),
+                              lru_eviction{}, cpu_backend{}, std::move(*s));
+  REQUIRE(e.has_value());
+  device_cache src(lc, 80, 16), dst(lc, 80, 16);
+  src.randomize(1);
+  dst.randomize(2);
+  round_trip(*e, src, random_table(63, 80, 3), dst, random_table(63, 80, 4), tokens(1000, 2), 1000);
+}
+
+TEST_CASE("gpu: layer-wise store and retrieve with per-layer events and a stream") {
+  KVG_REQUIRE_GPU();
+  const auto lc = all_layouts(2).front();
+  auto e = make_engine(config_for(lc.geometry));
+  device_cache src(lc, 24, 16), dst(lc, 24, 16);
+  src.randomize(1);
+  dst.randomize(2);
+  const auto toks = tokens(96, 4);
+  const auto ts = random_table(6, 24, 1), td = random_table(6, 24, 2);
+  cudaStream_t s{};
+  KVG_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  std::vector<cudaEvent_t> evs(lc.geometry.num_layers);
+  for (auto& ev : evs) KVG_CUDA(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+  auto st = e.begin_store(toks, src.device_layout(), ts);
+  REQUIRE(st.has_value());
+  for (std::size_t l = 0; l < evs.size(); ++l) {
+    KVG_CUDA(cudaEventRecord(evs[l], s));
+    REQUIRE(st->submit_layer(l, transfer_hints{transfer_direction::to_store, memory_location::device, evs[l], nullptr}));
+  }
+  auto stt = st->finish();
+  REQUIRE(stt.has_value());
+  REQUIRE(stt->wait().value() == 96);
+  auto rt = e.begin_retrieve(toks, dst.device_layout(), td);
+  REQUIRE(rt.has_value());
+  for (std::size_t l = 0; l < evs.size(); ++l)
+    REQUIRE(rt->submit_layer(l, transfer_hints{transfer_direction::from_store, memory_location::device, nullptr, s}));
+  auto rtt = rt->finish();
+  REQUIRE(rtt.has_value());
+  KVG_CUDA(cudaStreamSynchronize(s));
+  REQUIRE(rtt->wait().value() == 96);
+  auto img = image(src.mirror_layout(), ts, 96);
+  apply(dst.mirror_layout(), td, 96, img);
+  CHECK(differences(dst.download(), dst.host) == 0);
+  for (auto ev : evs) (void)cudaEventDestroy(ev);
+  (void)cudaStreamDestroy(s);
+}
+
+TEST_CASE("gpu: pinned pool serves while it grows") {
+  KVG_REQUIRE_GPU();
+  pinned_host_allocator::options o;
+  o.capacity_bytes = std::size_t{2} << 30;
+  o.piece_bytes = std::size_t{64} << 20;  // 32 pieces
+  auto a = pinned_host_allocator::create(o);
+  REQUIRE_MESSAGE(a.has_value(), (a ? "" : a.error().what()));
+  CHECK(a->capacity() == o.capacity_bytes);
+  CHECK(a->ready_bytes() >= o.piece_bytes);
+  CHECK(a->first_ready_seconds() >= 0.0);
+  // Ask for 1.5 GiB right away: allocations past the ready pieces wait for them.
+  std::vector<void*> blocks;
+  const std::size_t blk = std::size_t{16} << 20;
+  for (int i = 0; i < 96; ++i) {
+    auto p = a->allocate(blk);
+    REQUIRE_MESSAGE(p.has_value(), (p ? "" : p.error().what()));
+    blocks.push_back(*p);
+    cudaPointerAttributes attr{};
+    KVG_CUDA(cudaPointerGetAttributes(&attr, *p));
+    CHECK(attr.type == cudaMemoryTypeHost);  // registered, not pageable
+  }
+  CHECK(a->bytes_reserved() == 96 * blk);
+  CHECK(a->wait_all_ready(std::chrono::seconds(60)));
+  CHECK(a->ready_bytes() == a->capacity());
+  CHECK(a->all_ready_seconds() >= a->first_ready_seconds());
+  // Full: the 128th fits, the 129th does not (each 64 MiB piece holds four 16 MiB slabs).
+  for (int i = 96; i < 128; ++i) blocks.push_back(a->allocate(blk).value());
+  auto over = a->allocate(blk);
+  REQUIRE_FALSE(over.has_value());
+  CHECK(over.error().code == errc::out_of_memory);
+  for (void* p : blocks) a->deallocate(p, blk);
+  CHECK(a->bytes_reserved() == 0);
+  MESSAGE("2 GiB pool in 64 MiB pieces: first piece " << a->first_ready_seconds() << " s, all "
+                                                     << a->all_ready_seconds() << " s");
+}
+
+TEST_CASE("gpu: engine stores while its pinned pool is still growing") {
+  KVG_REQUIRE_GPU();
+  layout_case lc = all_layouts(2).front();
+  lc.geometry = geo(8, 2, 8, 128, 2);
+  lc.tensors = 8;
+  auto c = config_for(lc.geometry, 256);
+  c.chunk_tokens = 256;  // 8 MiB chunks
+  pinned_host_allocator::options o;
+  o.capacity_bytes = c.capacity_bytes;
+  o.piece_bytes = std::size_t{32} << 20;
+  auto e = gpu_engine::create(c, pinned_host_allocator::create(o).value(), sha256_hasher::create().value(),
+                              lru_eviction{}, cpu_backend{}, cuda_transfer_scheduler::create(c).value());
+  REQUIRE(e.has_value());
+  MESSAGE("pool ready at the first store: " << e->get_allocator().ready_bytes() << " of " << e->get_allocator().capacity());
+  device_cache src(lc, 512, 16), dst(lc, 512, 16);
+  src.randomize(1);
+  dst.randomize(2);
+  const auto toks = tokens(4096, 8);  // 16 chunks: 128 MiB over 4 pieces
+  round_trip(*e, src, random_table(256, 512, 1), dst, random_table(256, 512, 2), toks, 4096);
+}
+
+TEST_CASE("gpu: without a device the GPU policies report unsupported") {
+  if (kvortex::detail::cuda::has_device()) {
+    MESSAGE("a CUDA device is present: nothing to check here");
+    return;
+  }
+  auto s = cuda_transfer_scheduler::create(cuda_transfer_scheduler::options{});
+  REQUIRE_FALSE(s.has_value());
+  CHECK(s.error().code == errc::unsupported);
+  pinned_host_allocator::options o;
+  o.capacity_bytes = 1 << 20;
+  auto a = pinned_host_allocator::create(o);
+  REQUIRE_FALSE(a.has_value());
+  CHECK(a.error().code == errc::unsupported);
+}
