@@ -37,7 +37,7 @@
 namespace {
 
 using namespace kvortex;
-using gpu_engine = basic_engine<pinned_host_allocator, sha256_hasher, lru_eviction, cpu_backend, cuda_transfer_scheduler>;
+using gpu_engine = kvortex::engine;
 using clk = std::chrono::steady_clock;
 
 constexpr std::size_t iter_bytes = std::size_t{512} << 20;

@@ -13,9 +13,7 @@
 #include <random>
 #include <vector>
 
-// Until kvortex.hpp defines kvortex::engine (the default GPU stack), spell it out.
-using gpu_engine = kvortex::basic_engine<kvortex::pinned_host_allocator, kvortex::sha256_hasher, kvortex::lru_eviction,
-                                         kvortex::cpu_backend, kvortex::cuda_transfer_scheduler>;
+using gpu_engine = kvortex::engine;  // the default GPU stack
 
 int main() {
   if (!kvortex::detail::cuda::has_device()) {

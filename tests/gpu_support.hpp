@@ -20,8 +20,7 @@
 
 namespace kvg {
 
-using gpu_engine = kvortex::basic_engine<kvortex::pinned_host_allocator, kvortex::sha256_hasher, kvortex::lru_eviction,
-                                         kvortex::cpu_backend, kvortex::cuda_transfer_scheduler>;
+using gpu_engine = kvortex::engine;
 
 // Skips the calling test when no GPU is present.
 #define KVG_REQUIRE_GPU()                                              \

@@ -117,42 +117,27 @@ TEST_CASE_TEMPLATE("hasher conformance", H, KVORTEX_TEST_HASHERS) {
   }
 }
 
-namespace {
-// The chain message written out independently: parent, width tag, tokens little-endian.
-std::vector<unsigned char> reference_message(const chunk_key& parent, const std::vector<token_id>& tokens) {
-  bool narrow = true;
-  for (auto t : tokens) narrow = narrow && t >= 0 && t < (1 << 24);
-  const std::size_t width = narrow ? 3 : 4;
-  std::vector<unsigned char> buf(33 + tokens.size() * width);
-  std::memcpy(buf.data(), parent.bytes.data(), 32);
-  buf[32] = static_cast<unsigned char>(width);
-  for (std::size_t i = 0; i < tokens.size(); ++i) {
-    const auto v = static_cast<std::uint32_t>(tokens[i]);
-    for (std::size_t b = 0; b < width; ++b) buf[33 + width * i + b] = static_cast<unsigned char>(v >> (8 * b));
-  }
-  return buf;
-}
-}  // namespace
-
 TEST_CASE("sha256_hasher: known answers") {
   const auto h = make_hasher<kvortex::sha256_hasher>();
   CHECK(kvortex::sha256_hasher::name == "sha256");
   const std::vector<token_id> tokens{1, 2, 3, -1, 0x12345678};
 
-  // sha256sum of 32 zero bytes, width 04, then 01000000 02000000 03000000 ffffffff 78563412.
-  CHECK(h.chain(chunk_key{}, tokens).hex() == "6a39616c251a4e378475e93f0c053abf4a033557cc1394117d3ec77c45301863");
-  // sha256sum of 32 zero bytes, width 03, then 010000 020000 efcdab: ids below 2^24 take 3 bytes.
-  const std::vector<token_id> narrow{1, 2, 0xABCDEF};
-  CHECK(h.chain(chunk_key{}, narrow).hex() == "98032d5d204d150dc0c9a4a76b5df0b451fdd74b54b3f93fd065e7cc877bde3b");
+  // sha256sum of 32 zero bytes followed by 01000000 02000000 03000000 ffffffff 78563412.
+  CHECK(h.chain(chunk_key{}, tokens).hex() == "3b028af712ab4b7750c455c68458e5fc57c9b77a75e16453dbbb160305a6d550");
   // sha256sum of "kvortex-root\0model".
   CHECK(h.root(bytes_of("model")) == from_hex("c6d232b01bceccf83e54096941facbea9ab6f9b977dff3cba8360b69eeb8000c"));
-  // sha256sum of 32 zero bytes and the width byte 03.
-  CHECK(h.chain(chunk_key{}, {}).hex() == "d9cf8add8675a1b25627d7b0ec33bc177cb3930b0b6e995d79c386b980b2f4d6");
+  // sha256sum of 32 zero bytes.
+  CHECK(h.chain(chunk_key{}, {}).hex() == "66687aadf862bd776c8fc18b8e9f8e20089714856ee233b3902a591d0d5f2925");
 
   // And against OpenSSL's one-shot SHA256() over the concatenated bytes of a full chunk.
   const auto chunk = iota_tokens(256, -128);
   const chunk_key parent = h.root(bytes_of("seed"));
-  const auto buf = reference_message(parent, chunk);
+  std::vector<unsigned char> buf(32 + chunk.size() * 4);
+  std::memcpy(buf.data(), parent.bytes.data(), 32);
+  for (std::size_t i = 0; i < chunk.size(); ++i) {
+    const auto v = static_cast<std::uint32_t>(chunk[i]);
+    for (std::size_t b = 0; b < 4; ++b) buf[32 + 4 * i + b] = static_cast<unsigned char>(v >> (8 * b));
+  }
   chunk_key expected;
   SHA256(buf.data(), buf.size(), reinterpret_cast<unsigned char*>(expected.bytes.data()));
   CHECK(h.chain(parent, chunk) == expected);
@@ -168,8 +153,13 @@ TEST_CASE("xxh3_hasher: digest in the first 16 bytes, zero tail") {
   for (std::size_t i = 16; i < 32; ++i) CHECK(k.bytes[i] == std::byte{0});
   for (std::size_t i = 16; i < 32; ++i) CHECK(parent.bytes[i] == std::byte{0});
 
-  // The digest equals XXH3-128 over the reference message, in canonical order.
-  const auto buf = reference_message(parent, chunk);
+  // The streaming digest equals XXH3-128 one-shot over the concatenation, in canonical order.
+  std::vector<unsigned char> buf(32 + chunk.size() * 4);
+  std::memcpy(buf.data(), parent.bytes.data(), 32);
+  for (std::size_t i = 0; i < chunk.size(); ++i) {
+    const auto v = static_cast<std::uint32_t>(chunk[i]);
+    for (std::size_t b = 0; b < 4; ++b) buf[32 + 4 * i + b] = static_cast<unsigned char>(v >> (8 * b));
+  }
   XXH128_canonical_t c;
   XXH128_canonicalFromHash(&c, XXH3_128bits(buf.data(), buf.size()));
   CHECK(std::memcmp(k.bytes.data(), c.digest, 16) == 0);

@@ -227,7 +227,9 @@ class basic_engine {
   }
 
   /// @brief How many leading tokens of `tokens` are stored: walks the chunk chain and stops at the
-  /// first chunk that is missing or still being written. Does not change eviction order.
+  /// first chunk that is missing or still being written. Does not change eviction order. After a
+  /// first-chunk hit it hashes every chunk before probing, so a partial hit hashes a few chunks
+  /// in vain; that is cheaper than taking the index lock once per chunk.
   [[nodiscard]] result<std::size_t> lookup(std::span<const token_id> tokens) const {
     if (!s_) return stopped_error("lookup");
     if (tokens.empty()) return fail(errc::invalid_argument, "lookup: empty token list");
@@ -235,16 +237,23 @@ class basic_engine {
     auto& st = *s_;
     if (st.stopped.load(std::memory_order_acquire)) return stopped_error("lookup");
     const std::size_t n = chunk_count(tokens.size());
+    // The first chunk alone, then the rest in one batch under one lock: a miss costs one hash,
+    // a hit pays the lock once instead of once per chunk.
+    thread_local std::vector<chunk_key> keys;
+    keys.resize(n);
     std::size_t hit = 0, hit_tokens = 0;
-    chunk_key k = st.root;
-    for (; hit < n; ++hit) {
-      const auto chunk = chunk_tokens_of(tokens, hit);
-      k = st.hasher.chain(k, chunk);
+    const auto walk = [&](std::size_t end) {
+      for (std::size_t i = hit; i < end; ++i) keys[i] = st.hasher.chain(i == 0 ? st.root : keys[i - 1], chunk_tokens_of(tokens, i));
       std::shared_lock lk(st.mu);
-      const auto it = st.index.find(k);
-      if (it == st.index.end() || !it->second.ready || it->second.bytes != chunk_bytes(chunk.size())) break;
-      hit_tokens += chunk.size();
-    }
+      for (; hit < end; ++hit) {
+        const std::size_t ntok = chunk_tokens_of(tokens, hit).size();
+        const auto it = st.index.find(keys[hit]);
+        if (it == st.index.end() || !it->second.ready || it->second.bytes != chunk_bytes(ntok)) return false;
+        hit_tokens += ntok;
+      }
+      return true;
+    };
+    if (n > 0 && walk(1)) walk(n);
     st.lookups.fetch_add(1, std::memory_order_relaxed);
     st.hit_chunks.fetch_add(hit, std::memory_order_relaxed);
     st.miss_chunks.fetch_add(n - hit, std::memory_order_relaxed);

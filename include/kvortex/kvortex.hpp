@@ -20,10 +20,22 @@
 #include "kvortex/types.hpp"
 #include "kvortex/version.hpp"
 
+#ifdef KVORTEX_WITH_CUDA
+#include "kvortex/allocators/pinned_host_allocator.hpp"
+#include "kvortex/schedulers/cuda_transfer_scheduler.hpp"
+#endif
+
 namespace kvortex {
 
 /// @brief The host-only stack: plain host memory, SHA-256 keys, LRU eviction, chunks in host RAM,
 /// multi-threaded memcpy. Needs no GPU.
 using host_engine = basic_engine<host_allocator, sha256_hasher, lru_eviction, cpu_backend, host_transfer_scheduler>;
+
+#ifdef KVORTEX_WITH_CUDA
+/// @brief The GPU stack: NUMA-local pinned host pool, staged CUDA transfers (NVRTC kernels, DMA),
+/// SHA-256 keys, LRU eviction, chunks in pinned host RAM.
+using engine =
+    basic_engine<pinned_host_allocator, sha256_hasher, lru_eviction, cpu_backend, cuda_transfer_scheduler>;
+#endif
 
 }  // namespace kvortex

@@ -26,11 +26,11 @@
 #include <numaif.h>
 #endif
 
-#include "kvortex/allocators/numa_pool_allocator.hpp"  // detail::slab_region
 #include "kvortex/concepts/allocator.hpp"
 #include "kvortex/config.hpp"
 #include "kvortex/detail/align.hpp"
 #include "kvortex/detail/cuda_runtime.hpp"
+#include "kvortex/detail/slab_region.hpp"
 #include "kvortex/error.hpp"
 
 namespace kvortex {
@@ -104,7 +104,7 @@ class pinned_host_allocator {
       s->t0 = t0;
       for (std::size_t off = 0; off < span; off += piece) {
         const std::size_t len = std::min(piece, span - off);
-        s->regions.push_back(std::make_unique<detail::slab_region>(base + off, len, len, bound));
+        s->regions.push_back(std::make_unique<detail::slab_region>(base + off, len, len, bound, "pinned_host_allocator"));
       }
     } catch (const std::exception&) {
       if (s) {

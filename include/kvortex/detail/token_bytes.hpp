@@ -1,44 +1,37 @@
 #pragma once
 /// @file token_bytes.hpp
-/// @brief The bytes a hasher digests: a compact, injective encoding of a parent key and a chunk.
+/// @brief Feeds tokens to a hash as little-endian 32-bit integers on any host.
 
+#include <array>
 #include <bit>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <span>
-#include <vector>
 
 #include "kvortex/types.hpp"
 
 namespace kvortex::detail {
 
 /// @brief The root's domain prefix, "kvortex-root" and its terminating NUL, so a root can never
-/// collide with a chain step (whose input starts with a 32-byte key and a width tag).
+/// collide with a chain step (whose input starts with a 32-byte key).
 /// Hash all `sizeof root_prefix` (13) bytes.
 inline constexpr char root_prefix[] = "kvortex-root";
 
-/// @brief `parent (32 bytes) || width (1 byte) || tokens`, each token little-endian in `width`
-/// bytes: 3 when every id of the chunk is below 2^24 (any real vocabulary), else 4. The width tag
-/// keeps the encoding injective; the narrow form hashes a quarter fewer bytes, which is most of a
-/// lookup's cost. The view is valid until the calling thread's next call.
-[[nodiscard]] inline std::span<const std::byte> chain_message(const chunk_key& parent,
-                                                              std::span<const token_id> tokens) {
-  thread_local std::vector<std::byte> buf;
-  const std::size_t need = parent.bytes.size() + 1 + 4 * tokens.size() + 1;  // +1: the 4-byte store's overhang
-  if (buf.size() < need) buf.resize(need);
-  std::memcpy(buf.data(), parent.bytes.data(), parent.bytes.size());
-  std::byte* out = buf.data() + parent.bytes.size() + 1;
-  std::uint32_t all = 0;
-  for (const token_id t : tokens) all |= static_cast<std::uint32_t>(t);
-  const std::size_t width = all < (std::uint32_t{1} << 24) ? 3 : 4;
-  buf[parent.bytes.size()] = static_cast<std::byte>(width);
-  for (std::size_t i = 0; i < tokens.size(); ++i) {
-    auto v = static_cast<std::uint32_t>(tokens[i]);
-    if constexpr (std::endian::native == std::endian::big) v = std::byteswap(v);
-    std::memcpy(out + i * width, &v, 4);  // with width 3 the next token overwrites the zero high byte
+/// @brief Calls `sink(const void*, std::size_t)` on the tokens' little-endian bytes, in order.
+/// Little-endian hosts pass the tokens' own storage in one call.
+template <class Sink>
+void for_each_token_bytes(std::span<const token_id> tokens, Sink&& sink) {
+  if constexpr (std::endian::native == std::endian::little) {
+    if (!tokens.empty()) sink(static_cast<const void*>(tokens.data()), tokens.size_bytes());
+  } else {
+    std::array<std::uint32_t, 256> buf;
+    while (!tokens.empty()) {
+      const std::size_t n = tokens.size() < buf.size() ? tokens.size() : buf.size();
+      for (std::size_t i = 0; i < n; ++i) buf[i] = std::byteswap(static_cast<std::uint32_t>(tokens[i]));
+      sink(static_cast<const void*>(buf.data()), n * sizeof(std::uint32_t));
+      tokens = tokens.subspan(n);
+    }
   }
-  return {buf.data(), parent.bytes.size() + 1 + width * tokens.size()};
 }
 
 }  // namespace kvortex::detail

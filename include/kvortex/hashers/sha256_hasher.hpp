@@ -21,7 +21,7 @@ namespace kvortex {
 /// @brief Chains chunk keys with SHA-256, the hash vLLM uses by default.
 ///
 /// `root(seed) = SHA-256("kvortex-root\0" || seed)`;
-/// `chain(parent, tokens) = SHA-256(detail::chain_message(parent, tokens))`.
+/// `chain(parent, tokens) = SHA-256(parent's 32 bytes || tokens as little-endian int32)`.
 /// Collision resistant, so tenants that do not trust each other can share a store (given a
 /// per-tenant `cache_salt`). OpenSSL picks SHA-NI or ARMv8 SHA instructions where present.
 ///
@@ -50,9 +50,9 @@ class sha256_hasher {
 
   /// @brief The key of the chunk `tokens` following the chunk keyed `parent`.
   [[nodiscard]] chunk_key chain(const chunk_key& parent, std::span<const token_id> tokens) const noexcept {
-    const auto msg = detail::chain_message(parent, tokens);
     EVP_MD_CTX* ctx = begin();
-    EVP_DigestUpdate(ctx, msg.data(), msg.size());
+    EVP_DigestUpdate(ctx, parent.bytes.data(), parent.bytes.size());
+    detail::for_each_token_bytes(tokens, [ctx](const void* p, std::size_t n) { EVP_DigestUpdate(ctx, p, n); });
     return finish(ctx);
   }
 

@@ -6,6 +6,8 @@
 #define KVORTEX_HAS_XXH3_HASHER 1
 
 #include <cstddef>
+#include <array>
+#include <bit>
 #include <cstring>
 #include <span>
 #include <string_view>
@@ -32,8 +34,8 @@ namespace kvortex {
 /// Anyone who can choose token sequences can construct two prompts with the same key and make
 /// one request read another's KV cache, so use it only in trusted single-tenant deployments;
 /// `sha256_hasher` is the safe default. Same chaining as `sha256_hasher`:
-/// `root(seed) = H("kvortex-root\0" || seed)`, `chain(parent, tokens) =
-/// H(detail::chain_message(parent, tokens))`. The 16 digest bytes (canonical big-endian form, equal on
+/// `root(seed) = H("kvortex-root\0" || seed)`, `chain(parent, tokens) = H(parent's 32 bytes ||
+/// tokens as little-endian int32)`. The 16 digest bytes (canonical big-endian form, equal on
 /// every platform) fill the key's first 16 bytes; the other 16 are zero. Stateless; thread-safe.
 class xxh3_hasher {
  public:
@@ -51,8 +53,20 @@ class xxh3_hasher {
 
   /// @brief The key of the chunk `tokens` following the chunk keyed `parent`.
   [[nodiscard]] chunk_key chain(const chunk_key& parent, std::span<const token_id> tokens) const noexcept {
-    const auto msg = detail::chain_message(parent, tokens);
-    return to_key(XXH3_128bits(msg.data(), msg.size()));
+    // One-shot over a contiguous copy: the streaming API buffers its input and costs more.
+    constexpr std::size_t max_tokens = 1024;
+    if (std::endian::native == std::endian::little && tokens.size() <= max_tokens) {
+      std::array<std::byte, 32 + 4 * max_tokens> buf;
+      std::memcpy(buf.data(), parent.bytes.data(), 32);
+      if (!tokens.empty()) std::memcpy(buf.data() + 32, tokens.data(), tokens.size_bytes());
+      return to_key(XXH3_128bits(buf.data(), 32 + tokens.size_bytes()));
+    }
+    XXH3_state_t st;
+    XXH3_INITSTATE(&st);
+    XXH3_128bits_reset(&st);
+    XXH3_128bits_update(&st, parent.bytes.data(), parent.bytes.size());
+    detail::for_each_token_bytes(tokens, [&st](const void* p, std::size_t n) { XXH3_128bits_update(&st, p, n); });
+    return to_key(XXH3_128bits_digest(&st));
   }
 
  private:
