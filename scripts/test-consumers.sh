@@ -55,7 +55,7 @@ libs="$(PKG_CONFIG_PATH="$(dirname "${pc}")" pkg-config --libs kvortex)"
 echo "cflags: ${cflags}"
 echo "libs:   ${libs}"
 # shellcheck disable=SC2086 # word splitting of the pkg-config flags is intended
-"${CXX:-c++}" -O2 ${cflags} "${src}/tests/cmake_import/main.cpp" -o "${work}/pkgconfig-consumer" ${libs}
+"${CXX:-c++}" -O2 ${cflags} "${src}/tests/consumer_main.cpp" -o "${work}/pkgconfig-consumer" ${libs}
 libpath="${LD_LIBRARY_PATH:-}"
 for flag in ${libs}; do
   if [[ "${flag}" == -L* ]]; then libpath="${flag#-L}${libpath:+:${libpath}}"; fi

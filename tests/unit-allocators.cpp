@@ -274,3 +274,34 @@ TEST_CASE("host_allocator: large blocks are 2 MiB aligned") {
   a.deallocate(*r, n);
   CHECK(a.bytes_reserved() == 0);
 }
+
+TEST_CASE("host_allocator: freed blocks serve the next request of their size") {
+  host_allocator a;
+  const std::size_t big = std::size_t{3} << 20, small = 1000;
+  void* p = a.allocate(big).value();
+  void* q = a.allocate(small).value();
+  std::memset(p, 0x5A, big);
+  a.deallocate(p, big);
+  a.deallocate(q, small);
+  CHECK(a.bytes_reserved() == 0);
+  CHECK(a.allocate(big).value() == p);      // same size: the kept block, already faulted in
+  CHECK(a.allocate(small).value() == q);
+  void* r = a.allocate(big).value();        // none kept: a new block
+  CHECK(r != p);
+  CHECK(a.bytes_reserved() == 2 * big + small);
+  a.deallocate(p, big);
+  a.deallocate(r, big);
+  a.deallocate(q, small);
+  a.trim();  // returns the kept blocks; later requests are served afresh
+  void* s = a.allocate(small).value();
+  CHECK(s != nullptr);
+  a.deallocate(s, small);
+  host_allocator moved(std::move(a));
+  void* t = moved.allocate(big).value();
+  moved.deallocate(t, big);
+  // A moved-from allocator keeps no blocks but still serves and frees them.
+  void* u = a.allocate(small).value();  // NOLINT(bugprone-use-after-move)
+  CHECK(u != nullptr);
+  a.deallocate(u, small);
+  CHECK(a.bytes_reserved() == 0);
+}

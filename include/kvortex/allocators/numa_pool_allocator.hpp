@@ -16,14 +16,10 @@
 #include <unordered_map>
 #include <utility>
 
-#ifdef KVORTEX_WITH_NUMA
-#include <numa.h>
-#include <numaif.h>
-#endif
-
 #include "kvortex/concepts/allocator.hpp"
 #include "kvortex/config.hpp"
 #include "kvortex/detail/align.hpp"
+#include "kvortex/detail/host_mapping.hpp"
 #include "kvortex/detail/slab_region.hpp"
 #include "kvortex/error.hpp"
 
@@ -60,24 +56,10 @@ class numa_pool_allocator {
   [[nodiscard]] static result<numa_pool_allocator> create(std::size_t bytes, int node = -1) {
     if (bytes == 0) return fail(errc::invalid_config, "numa_pool_allocator: capacity is 0 bytes");
     const std::size_t usable = detail::round_up(bytes, detail::cache_line);
-    // Over-map by one huge page so the start can be moved to a 2 MiB boundary.
-    const std::size_t span = detail::round_up(usable, detail::huge_page);
-    if (usable == 0 || span == 0 || span > SIZE_MAX - detail::huge_page)
-      return fail(errc::out_of_memory, "numa_pool_allocator: " + std::to_string(bytes) + " bytes cannot be mapped");
-    const std::size_t over = span + detail::huge_page;
-    void* raw = ::mmap(nullptr, over, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (raw == MAP_FAILED)
-      return fail(errc::out_of_memory, "numa_pool_allocator: mmap of " + std::to_string(over) +
-                                           " bytes failed: " + std::strerror(errno));
-    auto* const lo = static_cast<std::byte*>(raw);
-    const auto addr = reinterpret_cast<std::uintptr_t>(lo);
-    auto* const base = lo + (detail::round_up(addr, detail::huge_page) - addr);
-    if (base != lo) ::munmap(lo, static_cast<std::size_t>(base - lo));
-    if (auto* const end = base + span; end != lo + over) ::munmap(end, static_cast<std::size_t>(lo + over - end));
-#ifdef MADV_HUGEPAGE
-    (void)::madvise(base, span, MADV_HUGEPAGE);
-#endif
-    const int bound = bind(base, span, node);
+    auto map = detail::map_huge_aligned(usable, "numa_pool_allocator");
+    if (!map) return std::unexpected(map.error());
+    const auto [base, span] = *map;
+    const int bound = detail::bind_to_node(base, span, node);
     try {
       return numa_pool_allocator(std::make_unique<detail::slab_region>(base, span, usable, bound));
     } catch (const std::bad_alloc&) {
@@ -124,20 +106,6 @@ class numa_pool_allocator {
  private:
   explicit numa_pool_allocator(std::unique_ptr<detail::slab_region> r) noexcept : region_(std::move(r)) {}
 
-  // The node the range ends up bound to, or -1.
-  static int bind([[maybe_unused]] void* p, [[maybe_unused]] std::size_t n, [[maybe_unused]] int node) noexcept {
-#ifdef KVORTEX_WITH_NUMA
-    if (node < 0 || numa_available() < 0 || node > numa_max_node()) return -1;
-    bitmask* mask = numa_allocate_nodemask();
-    if (mask == nullptr) return -1;
-    numa_bitmask_setbit(mask, static_cast<unsigned>(node));
-    const long rc = ::mbind(p, n, MPOL_BIND, mask->maskp, mask->size + 1, 0);
-    numa_free_nodemask(mask);
-    return rc == 0 ? node : -1;
-#else
-    return -1;
-#endif
-  }
 
   std::unique_ptr<detail::slab_region> region_;
 };

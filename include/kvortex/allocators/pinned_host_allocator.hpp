@@ -21,15 +21,11 @@
 #include <utility>
 #include <vector>
 
-#ifdef KVORTEX_WITH_NUMA
-#include <numa.h>
-#include <numaif.h>
-#endif
-
 #include "kvortex/concepts/allocator.hpp"
 #include "kvortex/config.hpp"
 #include "kvortex/detail/align.hpp"
 #include "kvortex/detail/cuda_runtime.hpp"
+#include "kvortex/detail/host_mapping.hpp"
 #include "kvortex/detail/slab_region.hpp"
 #include "kvortex/error.hpp"
 
@@ -72,24 +68,11 @@ class pinned_host_allocator {
     auto info = detail::cuda::query(o.device);
     if (!info) return std::unexpected(info.error());
     const std::size_t piece = std::max(detail::round_up(o.piece_bytes, detail::huge_page), detail::huge_page);
-    const std::size_t span = detail::round_up(o.capacity_bytes, detail::huge_page);
-    if (span == 0 || piece == 0 || span > SIZE_MAX - detail::huge_page)
-      return fail(errc::out_of_memory, "pinned_host_allocator: " + std::to_string(o.capacity_bytes) + " bytes cannot be mapped");
-    const std::size_t over = span + detail::huge_page;
-    void* raw = ::mmap(nullptr, over, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (raw == MAP_FAILED)
-      return fail(errc::out_of_memory, "pinned_host_allocator: mmap of " + std::to_string(over) +
-                                           " bytes failed: " + std::strerror(errno));
-    auto* const lo = static_cast<std::byte*>(raw);
-    const auto addr = reinterpret_cast<std::uintptr_t>(lo);
-    auto* const base = lo + (detail::round_up(addr, detail::huge_page) - addr);
-    if (base != lo) ::munmap(lo, static_cast<std::size_t>(base - lo));
-    if (auto* const end = base + span; end != lo + over) ::munmap(end, static_cast<std::size_t>(lo + over - end));
-#ifdef MADV_HUGEPAGE
-    (void)::madvise(base, span, MADV_HUGEPAGE);
-#endif
+    auto map = detail::map_huge_aligned(o.capacity_bytes, "pinned_host_allocator");
+    if (!map) return std::unexpected(map.error());
+    const auto [base, span] = *map;
     const int want = o.numa_node == -2 ? info->numa_node : o.numa_node;
-    const int bound = bind(base, span, want);
+    const int bound = detail::bind_to_node(base, span, want);
 
     std::unique_ptr<state> s;
     try {
@@ -350,19 +333,6 @@ class pinned_host_allocator {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
 
-  static int bind([[maybe_unused]] void* p, [[maybe_unused]] std::size_t n, [[maybe_unused]] int node) noexcept {
-#ifdef KVORTEX_WITH_NUMA
-    if (node < 0 || numa_available() < 0 || node > numa_max_node()) return -1;
-    bitmask* mask = numa_allocate_nodemask();
-    if (mask == nullptr) return -1;
-    numa_bitmask_setbit(mask, static_cast<unsigned>(node));
-    const long rc = ::mbind(p, n, MPOL_BIND, mask->maskp, mask->size + 1, 0);
-    numa_free_nodemask(mask);
-    return rc == 0 ? node : -1;
-#else
-    return -1;
-#endif
-  }
 
   std::unique_ptr<state> s_;
 };
