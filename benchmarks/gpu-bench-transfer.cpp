@@ -141,8 +141,9 @@ struct fixture {
           dsts_h2d.push_back(dev);
           srcs_h2d.push_back(host);
           sizes.push_back(frag);
-          kd2h.push_back({reinterpret_cast<std::uint64_t>(dev), reinterpret_cast<std::uint64_t>(host), frag, 0});
-          kh2d.push_back({reinterpret_cast<std::uint64_t>(host), reinterpret_cast<std::uint64_t>(dev), frag, 0});
+          const auto fb = static_cast<std::uint32_t>(frag);
+          kd2h.push_back({reinterpret_cast<std::uint64_t>(dev), reinterpret_cast<std::uint64_t>(host), fb, 1, 0, 0});
+          kh2d.push_back({reinterpret_cast<std::uint64_t>(host), reinterpret_cast<std::uint64_t>(dev), fb, 1, 0, 0});
         }
     const std::size_t kb = kd2h.size() * sizeof(detail::kernel_fragment);
     CK(cudaMalloc(reinterpret_cast<void**>(&uva_d2h), kb));

@@ -6,6 +6,8 @@
 
 #include <atomic>
 #include <chrono>
+#include <optional>
+#include <random>
 #include <thread>
 
 using namespace kvortex;
@@ -235,6 +237,140 @@ TEST_CASE("gpu: small staging slabs and descriptor ring force many windows") {
   src.randomize(1);
   dst.randomize(2);
   round_trip(*e, src, random_table(63, 80, 3), dst, random_table(63, 80, 4), tokens(1000, 2), 1000);
+}
+
+TEST_CASE("gpu: 2D ops with random rows and pitches, staged and DMA-only, both directions") {
+  KVG_REQUIRE_GPU();
+  // Host side (chunk) interleaves groups of "heads" as HND chunks do (pitch = heads * bytes), plus
+  // 1D ops and lone 2D ops with gaps between host rows; device side rows at random pitches.
+  struct spec {
+    std::size_t dev_off, host_off, bytes, rows, dev_pitch, host_pitch;
+  };
+  std::mt19937 rng(17);
+  std::vector<spec> specs;
+  std::size_t dev_at = 0, host_at = 0;
+  for (int g = 0; g < 400; ++g) {
+    const unsigned kind = rng() % 5;
+    const bool aligned = rng() % 2 == 0;  // 16-byte paths of the kernels
+    std::size_t bytes = kind == 0 ? 1 + rng() % 20000 : 1 + rng() % 600;
+    if (aligned) bytes = (bytes + 15) / 16 * 16;
+    const std::size_t rows = kind == 0 ? 1 : 1 + rng() % 24;
+    const std::size_t heads = kind == 1 ? 1 : 1 + rng() % 8;
+    const std::size_t hp = kind == 1 ? bytes + 16 * (1 + rng() % 4) : heads * bytes;
+    host_at = aligned ? (host_at + 15) / 16 * 16 : host_at + rng() % 16;
+    for (std::size_t h = 0; h < heads; ++h) {
+      std::size_t dp = bytes + (rng() % 3 == 0 ? 0 : rng() % 64);
+      if (aligned) {
+        dp = (dp + 15) / 16 * 16;
+        dev_at = (dev_at + 15) / 16 * 16;
+      }
+      specs.push_back({dev_at, host_at + h * bytes, bytes, rows, dp, hp});
+      dev_at += (rows - 1) * dp + bytes + rng() % 32;
+    }
+    host_at += (rows - 1) * hp + heads * bytes;
+  }
+  const std::size_t dev_bytes = dev_at + 64, host_bytes = host_at + 64;
+  std::byte *dev = nullptr, *host = nullptr;
+  KVG_CUDA(cudaMalloc(reinterpret_cast<void**>(&dev), dev_bytes));
+  KVG_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&host), host_bytes, cudaHostAllocDefault));
+  std::vector<std::byte> dev_data(dev_bytes), host_data(host_bytes);
+  for (auto& b : dev_data) b = static_cast<std::byte>(rng());
+  for (auto& b : host_data) b = static_cast<std::byte>(rng());
+  std::vector<copy_op> store_ops, retrieve_ops;
+  for (const auto& x : specs) {
+    store_ops.push_back({dev + x.dev_off, host + x.host_off, x.bytes, x.rows, x.dev_pitch, x.host_pitch});
+    retrieve_ops.push_back({host + x.host_off, dev + x.dev_off, x.bytes, x.rows, x.host_pitch, x.dev_pitch});
+  }
+  // What each direction must produce, from host mirrors.
+  std::vector<std::byte> want_host(host_bytes, std::byte{0x3C}), want_dev(dev_bytes, std::byte{0xC3});
+  for (const auto& x : specs) {
+    copy_host({dev_data.data() + x.dev_off, want_host.data() + x.host_off, x.bytes, x.rows, x.dev_pitch, x.host_pitch});
+    copy_host({host_data.data() + x.host_off, want_dev.data() + x.dev_off, x.bytes, x.rows, x.host_pitch, x.dev_pitch});
+  }
+
+  struct variant {
+    const char* name;
+    cuda_transfer_mode mode;
+    std::optional<cuda_transfer_tuning> tuning;
+  };
+  const cuda_transfer_tuning tiny{.slab_bytes = 8192, .slabs = 2, .ctas = 2, .threads = 64, .max_fragment_bytes = 1024,
+                                  .dma_min_fragment_bytes = 0, .dma_streams = 2, .descriptor_capacity = 1024};
+  const cuda_transfer_tuning odd{.slab_bytes = 5000, .slabs = 3, .ctas = 3, .threads = 96, .max_fragment_bytes = 700,
+                                 .dma_min_fragment_bytes = 0, .dma_streams = 3, .descriptor_capacity = 1100};
+  for (const auto& v : {variant{"staged default", cuda_transfer_mode::staged, std::nullopt},
+                        variant{"staged tiny slabs", cuda_transfer_mode::staged, tiny},
+                        variant{"staged odd slabs", cuda_transfer_mode::staged, odd},
+                        variant{"dma", cuda_transfer_mode::dma, std::nullopt}}) {
+    CAPTURE(v.name);
+    cuda_transfer_scheduler::options o;
+    o.mode = v.mode;
+    o.tuning = v.tuning;
+    auto s = cuda_transfer_scheduler::create(o);
+    REQUIRE_MESSAGE(s.has_value(), (s ? "" : s.error().what()));
+    if (v.mode == cuda_transfer_mode::staged && !s->uses_kernels()) {
+      MESSAGE("kernels unavailable: " << s->kernel_status());
+      continue;
+    }
+    for (int rep = 0; rep < 2; ++rep) {
+      // Store: device -> host.
+      KVG_CUDA(cudaMemcpy(dev, dev_data.data(), dev_bytes, cudaMemcpyHostToDevice));
+      std::memset(host, 0x3C, host_bytes);
+      std::atomic<int> ok{0};
+      s->submit(store_ops, transfer_hints{transfer_direction::to_store, memory_location::device, nullptr, nullptr},
+                [&](result<void> r) { ok += r.has_value() ? 1 : 0; });
+      s->drain();
+      CHECK(ok.load() == 1);
+      CHECK(std::memcmp(host, want_host.data(), host_bytes) == 0);
+      // Retrieve: host -> device.
+      std::memcpy(host, host_data.data(), host_bytes);
+      KVG_CUDA(cudaMemset(dev, 0xC3, dev_bytes));
+      s->submit(retrieve_ops, transfer_hints{transfer_direction::from_store, memory_location::device, nullptr, nullptr},
+                [&](result<void> r) { ok += r.has_value() ? 1 : 0; });
+      s->drain();
+      CHECK(ok.load() == 2);
+      std::vector<std::byte> got(dev_bytes);
+      KVG_CUDA(cudaMemcpy(got.data(), dev, dev_bytes, cudaMemcpyDeviceToHost));
+      CHECK(got == want_dev);
+    }
+  }
+  (void)cudaFree(dev);
+  (void)cudaFreeHost(host);
+}
+
+TEST_CASE("gpu: many small batches in a row (one per layer) do not exhaust the descriptor ring") {
+  KVG_REQUIRE_GPU();
+  cuda_transfer_scheduler::options o;
+  o.mode = cuda_transfer_mode::staged;
+  o.tuning = cuda_transfer_tuning{.slab_bytes = 1 << 20, .slabs = 2, .ctas = 4, .threads = 128,
+                                  .max_fragment_bytes = 65536, .dma_min_fragment_bytes = 0, .dma_streams = 2,
+                                  .descriptor_capacity = 1024};
+  auto s = cuda_transfer_scheduler::create(o);
+  REQUIRE(s.has_value());
+  if (!s->uses_kernels()) {
+    MESSAGE("kernels unavailable: " << s->kernel_status());
+    return;
+  }
+  constexpr std::size_t frag = 256, count = 3000;
+  std::byte *dev = nullptr, *host = nullptr;
+  KVG_CUDA(cudaMalloc(reinterpret_cast<void**>(&dev), 2 * frag * count));
+  KVG_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&host), frag * count, cudaHostAllocDefault));
+  std::vector<std::byte> data(frag * count);
+  std::mt19937 rng(5);
+  for (auto& b : data) b = static_cast<std::byte>(rng());
+  KVG_CUDA(cudaMemcpy(dev, data.data(), data.size(), cudaMemcpyHostToDevice));
+  std::memset(host, 0, frag * count);
+  // One op per batch, each its own ring window: far more batches than the ring has windows.
+  std::vector<copy_op> ops;
+  for (std::size_t i = 0; i < count; ++i) ops.push_back({dev + i * frag, host + i * frag, frag});
+  std::atomic<std::size_t> ok{0};
+  for (std::size_t i = 0; i < count; ++i)
+    s->submit(std::span(&ops[i], 1), transfer_hints{transfer_direction::to_store, memory_location::device, nullptr, nullptr},
+              [&](result<void> r) { ok += r.has_value() ? 1 : 0; });
+  s->drain();
+  CHECK(ok.load() == count);
+  CHECK(std::memcmp(host, data.data(), data.size()) == 0);
+  (void)cudaFree(dev);
+  (void)cudaFreeHost(host);
 }
 
 TEST_CASE("gpu: layer-wise store and retrieve with per-layer events and a stream") {

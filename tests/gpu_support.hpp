@@ -147,7 +147,7 @@ inline std::vector<std::byte> image(const kvortex::kv_layout& host_layout, std::
   std::vector<std::byte> img(n * host_layout.geometry().token_bytes());
   std::vector<kvortex::copy_op> ops;
   host_layout.append_copies(ops, table, 0, n, img.data(), true);
-  for (const auto& op : ops) std::memcpy(op.dst, op.src, op.bytes);
+  for (const auto& op : ops) kvortex::copy_host(op);
   return img;
 }
 
@@ -156,7 +156,7 @@ inline void apply(const kvortex::kv_layout& host_layout, std::span<const std::in
                   std::vector<std::byte>& img) {
   std::vector<kvortex::copy_op> ops;
   host_layout.append_copies(ops, table, 0, n, img.data(), false);
-  for (const auto& op : ops) std::memcpy(op.dst, op.src, op.bytes);
+  for (const auto& op : ops) kvortex::copy_host(op);
 }
 
 inline std::vector<std::int32_t> random_table(std::size_t n, std::size_t num_blocks, std::uint32_t seed) {

@@ -122,7 +122,7 @@ class gated_scheduler {
   void drain() { release_all(); }
   void release_all() {
     for (auto& b : take()) {
-      for (const auto& op : b.ops) std::memcpy(op.dst, op.src, op.bytes);
+      for (const auto& op : b.ops) kvortex::copy_host(op);
       b.done(kvortex::result<void>{});
     }
   }

@@ -30,7 +30,7 @@ std::vector<std::byte> gather(const kv_layout& lay, std::span<const std::int32_t
   std::vector<std::byte> out(count * lay.geometry().token_bytes());
   std::vector<copy_op> ops;
   lay.append_copies(ops, table, 0, count, out.data(), true);
-  for (const auto& op : ops) std::memcpy(op.dst, op.src, op.bytes);
+  for (const auto& op : ops) kvortex::copy_host(op);
   return out;
 }
 
@@ -161,4 +161,31 @@ TEST_CASE("opaque pages carry whole blocks only") {
   CHECK(e.store(toks, lay).value().wait().value() == 64);
   const auto toks2 = make_tokens(80, 6);  // a partial of 16 tokens: one whole block
   CHECK(e.store(toks2, lay).value().wait().value() == 80);
+}
+
+TEST_CASE("a transfer reaches the scheduler in batches of transfer_batch_bytes") {
+  for (std::size_t chunks_per_batch : {0, 1, 3}) {
+    CAPTURE(chunks_per_batch);
+    auto cfg = kvt::small_config();
+    cfg.transfer_batch_bytes = chunks_per_batch * cfg.chunk_bytes();
+    kvt::gated_scheduler gate;
+    auto e = gated_engine::create(cfg, host_allocator{}, sha256_hasher::create().value(), lru_eviction{},
+                                  cpu_backend{}, gate)
+                 .value();
+    const auto toks = make_tokens(32 * 5, 9);
+    kvt::paged_cache src(cfg.geometry, 12, 16);
+    src.fill(toks, {});
+    auto t = e.store(toks, src.layout()).value();
+    const std::size_t expected = chunks_per_batch == 0 ? 1 : (5 + chunks_per_batch - 1) / chunks_per_batch;
+    CHECK(gate.held() == expected);
+    CHECK_FALSE(t.ready());
+    gate.release_all();
+    CHECK(t.wait().value() == 160);
+    kvt::paged_cache dst(cfg.geometry, 12, 16);
+    auto r = e.retrieve(toks, dst.layout()).value();
+    CHECK(gate.held() == expected);
+    gate.release_all();
+    CHECK(r.wait().value() == 160);
+    CHECK(dst.mismatches(toks, 160, {}) == 0);
+  }
 }

@@ -18,7 +18,7 @@ void check_gather(const kv_layout& lay, std::span<const std::int32_t> table, std
   std::vector<std::byte> chunk(count * g.token_bytes(), std::byte{0xEE});
   std::vector<copy_op> ops;
   lay.append_copies(ops, table, first, count, chunk.data(), true);
-  for (const auto& op : ops) std::memcpy(op.dst, op.src, op.bytes);
+  for (const auto& op : ops) copy_host(op);
   const std::size_t hb = std::size_t{g.head_dim} * g.element_bytes;
   std::size_t bad = 0, at = 0;
   for (std::size_t l = 0; l < g.num_layers; ++l)
@@ -36,7 +36,7 @@ void check_gather(const kv_layout& lay, std::span<const std::int32_t> table, std
   std::vector<copy_op> back;
   lay.append_copies(back, table, first, count, chunk.data(), false);
   std::size_t bytes = 0;
-  for (const auto& op : back) bytes += op.bytes;
+  for (const auto& op : back) bytes += total_bytes(op);
   CHECK(bytes == chunk.size());
 }
 
@@ -65,7 +65,7 @@ TEST_CASE("flash_attn NHD and HND gather the right elements for any block table"
       off += order == kv_order::nhd ? s * g.row_bytes() + h * hb : h * bt * hb + s * hb;
       return t[l].data() + off;
     };
-    for (auto [first, count] : {std::pair<std::size_t, std::size_t>{0, 32}, {32, 64}, {5, 50}, {0, 96}})
+    for (auto [first, count] : {std::pair<std::size_t, std::size_t>{0, 32}, {32, 64}, {5, 50}, {0, 96}, {15, 2}, {47, 1}})
       check_gather(lay, table, first, count, element);
   }
 }
@@ -128,4 +128,110 @@ TEST_CASE("check_table accepts exactly the tables that address the tokens") {
   CHECK_FALSE(lay.check_table(two, 33).has_value());
   CHECK(lay.kind() == "flash_attn_nhd");
   CHECK(lay.location() == memory_location::host);
+}
+
+TEST_CASE("HND gives one 2D op per layer, plane, block and head, NHD stays 1D") {
+  kv_geometry g{.num_layers = 3, .kv_planes = 2, .kv_heads = 4, .head_dim = 8, .element_bytes = 2};
+  const std::size_t blocks = 12, bt = 16, hb = 16, row = 64;
+  std::vector<std::vector<std::byte>> t;
+  std::vector<std::byte*> ptrs;
+  for (unsigned l = 0; l < 3; ++l) t.push_back(iota_bytes(2 * blocks * bt * row, 20 + l));
+  for (auto& x : t) ptrs.push_back(x.data());
+  const auto table = kvt::random_table(6, blocks, 9);
+  std::vector<std::byte> chunk(96 * g.token_bytes());
+
+  const auto hnd = kv_layout::flash_attn(ptrs, g, blocks, bt, kv_order::hnd).value();
+  for (bool to_chunk : {true, false}) {
+    std::vector<copy_op> ops;
+    hnd.append_copies(ops, table, 0, 96, chunk.data(), to_chunk);
+    CHECK(ops.size() == 3 * 2 * 6 * 4);  // was one per token and head: 3 * 2 * 96 * 4
+    std::size_t bytes = 0;
+    for (const auto& op : ops) {
+      CHECK(op.rows == bt);
+      CHECK(op.bytes == hb);
+      CHECK((to_chunk ? op.src_pitch : op.dst_pitch) == hb);   // a head's tokens, back to back
+      CHECK((to_chunk ? op.dst_pitch : op.src_pitch) == row);  // chunk rows
+      bytes += total_bytes(op);
+    }
+    CHECK(bytes == chunk.size());
+  }
+  // A block split by the range: its part is still one op per head, with fewer rows.
+  std::vector<copy_op> part;
+  hnd.append_copies(part, table, 5, 50, chunk.data(), true);
+  CHECK(part.size() == 3 * 2 * 4 * 4);
+  CHECK(part.front().rows == 11);
+  CHECK(part.back().rows == 7);
+
+  for (auto [first, count] : {std::pair<std::size_t, std::size_t>{0, 96}, {5, 50}, {15, 2}, {47, 1}, {3, 90}}) {
+    std::vector<copy_op> v;
+    hnd.append_copies(v, table, first, count, chunk.data(), true, 1, 2);
+    CHECK(v.size() <= hnd.max_copies(count, 1, 2));
+    CHECK(hnd.max_copies(count, 1, 2) <= 2 * 2 * (count / bt + 2) * 4);
+  }
+
+  const auto nhd = kv_layout::flash_attn(ptrs, g, blocks, bt, kv_order::nhd).value();
+  std::vector<copy_op> flat;
+  nhd.append_copies(flat, table, 0, 96, chunk.data(), true);
+  CHECK(flat.size() <= 3 * 2 * 6);
+  for (const auto& op : flat) CHECK(op.rows == 1);
+}
+
+TEST_CASE("HND retrieve scatters exactly what the store gathered and nothing else") {
+  kv_geometry g{.num_layers = 2, .kv_planes = 2, .kv_heads = 3, .head_dim = 5, .element_bytes = 2};
+  const std::size_t blocks = 10, bt = 16, bytes = 2 * blocks * bt * g.row_bytes();
+  for (auto order : {kv_order::nhd, kv_order::hnd}) {
+    std::vector<std::vector<std::byte>> src{iota_bytes(bytes, 31), iota_bytes(bytes, 32)};
+    std::vector<std::vector<std::byte>> dst(2, std::vector<std::byte>(bytes, std::byte{0xEE}));
+    std::vector<std::byte*> sp{src[0].data(), src[1].data()}, dp{dst[0].data(), dst[1].data()};
+    const auto a = kv_layout::flash_attn(sp, g, blocks, bt, order).value();
+    const auto b = kv_layout::flash_attn(dp, g, blocks, bt, order).value();
+    const auto ta = kvt::random_table(5, blocks, 1), tb = kvt::random_table(5, blocks, 2);
+    for (auto [first, count] : {std::pair<std::size_t, std::size_t>{0, 80}, {3, 60}, {16, 17}}) {
+      std::vector<std::byte> chunk(count * g.token_bytes()), again(chunk.size());
+      std::vector<copy_op> ops;
+      a.append_copies(ops, ta, first, count, chunk.data(), true);
+      for (const auto& op : ops) copy_host(op);
+      ops.clear();
+      b.append_copies(ops, tb, first, count, chunk.data(), false);
+      for (const auto& op : ops) copy_host(op);
+      ops.clear();
+      b.append_copies(ops, tb, first, count, again.data(), true);
+      for (const auto& op : ops) copy_host(op);
+      CHECK(again == chunk);
+    }
+    // Only the tokens in [0, 80) of the five destination blocks were written.
+    std::size_t touched = 0;
+    for (const auto& d : dst)
+      for (auto x : d) touched += x != std::byte{0xEE};
+    CHECK(touched <= 80 * g.token_bytes());
+    CHECK(touched > 70 * g.token_bytes());
+  }
+}
+
+TEST_CASE("rows contiguous but padded: one 2D op of whole rows per block") {
+  kv_geometry g{.num_layers = 1, .kv_planes = 2, .kv_heads = 2, .head_dim = 4, .element_bytes = 2};
+  const std::size_t blocks = 4, bt = 8, row = 16, tok = 24;  // 8 padding bytes after each token
+  auto t = iota_bytes(2 * blocks * bt * tok, 5);
+  std::byte* ptr = t.data();
+  const auto lay = kv_layout::strided(std::span(&ptr, 1), g, blocks, bt, static_cast<std::int64_t>(blocks * bt * tok),
+                                      static_cast<std::int64_t>(bt * tok), static_cast<std::int64_t>(tok), 8,
+                                      2 * blocks * bt * tok)
+                       .value();
+  const std::vector<std::int32_t> table{3, 0, 2};
+  std::vector<std::byte> chunk(24 * g.token_bytes());
+  std::vector<copy_op> ops;
+  lay.append_copies(ops, table, 0, 24, chunk.data(), true);
+  CHECK(ops.size() == 2 * 3);
+  for (const auto& op : ops) {
+    CHECK(op.rows == bt);
+    CHECK(op.bytes == row);
+    CHECK(op.src_pitch == tok);
+    CHECK(op.dst_pitch == row);
+  }
+  check_gather(lay, table, 0, 24, [&](std::size_t, std::size_t p, std::size_t b, std::size_t s, std::size_t h) {
+    return t.data() + p * blocks * bt * tok + b * bt * tok + s * tok + h * 8;
+  });
+  check_gather(lay, table, 3, 19, [&](std::size_t, std::size_t p, std::size_t b, std::size_t s, std::size_t h) {
+    return t.data() + p * blocks * bt * tok + b * bt * tok + s * tok + h * 8;
+  });
 }

@@ -51,6 +51,9 @@ struct engine_config {
   bool store_partial_chunks{false};    ///< also keep a prompt's trailing partial chunk
   unsigned transfer_threads{0};        ///< host copy threads; 0 picks from the hardware
   std::size_t parallel_copy_bytes{std::size_t{8} << 20};  ///< batches this large use the copy threads
+  /// A transfer reaches the scheduler in batches of about this many bytes, so its first copies run
+  /// while the rest is planned; 0 hands it over in one batch.
+  std::size_t transfer_batch_bytes{std::size_t{32} << 20};
   int numa_node{-1};                   ///< node for host memory; -1 leaves it to the allocator
 
   /// @brief Bytes of one full chunk.

@@ -615,14 +615,32 @@ class basic_engine {
     result<void> submit_layers(std::size_t first, std::size_t count, const transfer_hints& hints) {
       auto& op = *op_;
       if (op.chunks.empty()) return {};
-      std::vector<copy_op> ops;
-      for (const auto& c : op.chunks)
-        op.layout.append_copies(ops, op.table, c.first, c.tokens, st_->backend.data(c.r.handle).data(), op.storing,
-                                first, count);
       transfer_hints h = hints;
       h.direction = op.storing ? transfer_direction::to_store : transfer_direction::from_store;
       h.cache_location = op.layout.location();
-      submit_batch(*st_, op_, std::move(ops), h);
+      // Hand over a batch every `transfer_batch_bytes`, so the copies of the first chunks run while
+      // the ops of later ones are built.
+      const std::size_t layers = op.layout.num_layers();
+      const std::size_t limit = st_->cfg.transfer_batch_bytes;
+      std::vector<copy_op> ops;
+      std::size_t batch_bytes = 0;
+      for (std::size_t i = 0; i < op.chunks.size(); ++i) {
+        const auto& c = op.chunks[i];
+        if (ops.empty()) {
+          std::size_t n = 0;  // chunks this batch will hold, to size it once
+          for (std::size_t b = 0, j = i; j < op.chunks.size() && (limit == 0 || b < limit); ++j, ++n)
+            b += op.chunks[j].r.bytes / layers * count;
+          ops.reserve(n * op.layout.max_copies(c.tokens, first, count));
+        }
+        op.layout.append_copies(ops, op.table, c.first, c.tokens, st_->backend.data(c.r.handle).data(), op.storing,
+                                first, count);
+        batch_bytes += c.r.bytes / layers * count;
+        if ((limit != 0 && batch_bytes >= limit) || i + 1 == op.chunks.size()) {
+          submit_batch(*st_, op_, std::move(ops), h);
+          ops = {};
+          batch_bytes = 0;
+        }
+      }
       return {};
     }
 

@@ -189,9 +189,28 @@ class kv_layout {
     return {};
   }
 
+  /// @brief At most how many ops `append_copies` appends for `count` tokens of the given layers.
+  /// Callers that build one batch from many chunks reserve the sum up front: growing a vector of
+  /// ops chunk by chunk costs more than building them (new pages, copies).
+  [[nodiscard]] std::size_t max_copies(std::size_t count, std::size_t layer_first = 0,
+                                       std::size_t layer_count = static_cast<std::size_t>(-1)) const noexcept {
+    if (layer_first >= layers_.size() || count == 0) return 0;
+    const std::size_t layers = std::min(layer_count, layers_.size() - layer_first);
+    const std::size_t row = geometry_.row_bytes();
+    const std::size_t hb = row / geometry_.kv_heads;
+    const bool rows_contiguous = geometry_.kv_heads == 1 || strides_.head == static_cast<std::int64_t>(hb);
+    const std::size_t blocks = (count + block_tokens_ - 1) / block_tokens_ + 1;  // a range may straddle one more
+    return layers * geometry_.kv_planes * blocks * (rows_contiguous ? 1 : geometry_.kv_heads);
+  }
+
   /// @brief Appends the copies between this cache and a chunk buffer for tokens
-  /// `[first, first + count)` of layers `[layer_first, layer_first + layer_count)`, merging runs
-  /// that are contiguous on both sides.
+  /// `[first, first + count)` of layers `[layer_first, layer_first + layer_count)`.
+  ///
+  /// Runs contiguous on both sides become one 1D op, merged across physically adjacent blocks.
+  /// Where a token's row is not contiguous in the cache (HND: heads apart), each head of each block
+  /// becomes one 2D op whose rows are that head's tokens (cache pitch: the token stride; chunk pitch:
+  /// the row), and the heads of a block follow each other, so together they tile the block's rows in
+  /// the chunk. Where rows are contiguous but not packed, each block is one 2D op of whole rows.
   /// @param chunk the chunk's bytes, laid out `[layer][plane][count][row]` (all layers).
   /// @param to_chunk true copies cache -> chunk (store), false chunk -> cache (retrieve).
   /// The table must have passed `check_table` for `first + count` tokens.
@@ -205,13 +224,13 @@ class kv_layout {
     const bool rows_contiguous = heads == 1 || strides_.head == static_cast<std::int64_t>(hb);
     const std::size_t pieces = rows_contiguous ? 1 : heads;
     const std::size_t piece_bytes = rows_contiguous ? row : hb;
+    const auto token_pitch = static_cast<std::size_t>(strides_.token);
     // Tokens of one block are one run when rows are contiguous and packed back to back.
-    const bool runs = rows_contiguous && strides_.token == static_cast<std::int64_t>(row);
+    const bool runs = rows_contiguous && token_pitch == row;
+    // Grow once per call, geometrically: callers append chunk after chunk into one vector.
+    const std::size_t need = out.size() + max_copies(count, layer_first, layer_count);
+    if (need > out.capacity()) out.reserve(std::max(need, 2 * out.capacity()));
     std::byte* cursor = chunk + layer_first * geometry_.kv_planes * count * row;
-    const auto emit = [&](std::byte* cache, std::size_t bytes) {
-      push(out, to_chunk ? copy_op{cache, cursor, bytes} : copy_op{cursor, cache, bytes});
-      cursor += bytes;
-    };
     for (std::size_t l = layer_first; l < layer_end; ++l) {
       for (std::size_t p = 0; p < geometry_.kv_planes; ++p) {
         std::byte* plane_base = layers_[l] + static_cast<std::ptrdiff_t>(p) * strides_.plane;
@@ -222,13 +241,22 @@ class kv_layout {
           const std::size_t n = std::min(block_tokens_ - slot, first + count - t);
           std::byte* tok = plane_base + static_cast<std::ptrdiff_t>(block) * strides_.block +
                            static_cast<std::ptrdiff_t>(slot) * strides_.token;
-          if (runs) {
-            emit(tok, n * row);
+          if (runs || n == 1) {
+            for (std::size_t h = 0; h < pieces; ++h) {
+              std::byte* c = tok + static_cast<std::ptrdiff_t>(h) * strides_.head;
+              std::byte* k = cursor + h * piece_bytes;
+              const std::size_t bytes = runs ? n * row : piece_bytes;
+              push(out, to_chunk ? copy_op{c, k, bytes} : copy_op{k, c, bytes});
+            }
           } else {
-            for (std::size_t i = 0; i < n; ++i, tok += strides_.token)
-              for (std::size_t h = 0; h < pieces; ++h)
-                emit(tok + static_cast<std::ptrdiff_t>(h) * strides_.head, piece_bytes);
+            for (std::size_t h = 0; h < pieces; ++h) {
+              std::byte* c = tok + static_cast<std::ptrdiff_t>(h) * strides_.head;
+              std::byte* k = cursor + h * piece_bytes;
+              out.push_back(to_chunk ? copy_op{c, k, piece_bytes, n, token_pitch, row}
+                                     : copy_op{k, c, piece_bytes, n, row, token_pitch});
+            }
           }
+          cursor += n * row;
           t += n;
         }
       }
@@ -240,10 +268,11 @@ class kv_layout {
     std::int64_t plane, block, token, head;
   };
 
+  // Appends a 1D op, extending the previous one when both sides continue it.
   static void push(std::vector<copy_op>& out, copy_op op) {
     if (!out.empty()) {
       auto& b = out.back();
-      if (b.src + b.bytes == op.src && b.dst + b.bytes == op.dst) {
+      if (b.rows == 1 && b.src + b.bytes == op.src && b.dst + b.bytes == op.dst) {
         b.bytes += op.bytes;
         return;
       }

@@ -2,6 +2,7 @@
 /// @file types.hpp
 /// @brief Vocabulary types: token ids, chunk keys, copy operations.
 
+#include <algorithm>
 #include <array>
 #include <bit>
 #include <compare>
@@ -52,12 +53,48 @@ struct chunk_key_hash {
   }
 };
 
-/// @brief One contiguous copy of `bytes` from `src` to `dst`; ranges never overlap.
+/// @brief A copy of `rows` rows of `bytes` each: row `r` goes from `src + r*src_pitch` to
+/// `dst + r*dst_pitch`. `{src, dst, bytes}` is one contiguous row (the pitches are then unused).
+/// With several rows each pitch is at least `bytes`; no two bytes copied overlap.
 struct copy_op {
   const std::byte* src{};
   std::byte* dst{};
-  std::size_t bytes{};
+  std::size_t bytes{};       ///< bytes per row
+  std::size_t rows{1};       ///< rows; 1 for a plain contiguous copy
+  std::size_t src_pitch{0};  ///< distance between rows at `src`
+  std::size_t dst_pitch{0};  ///< distance between rows at `dst`
 };
+
+/// @brief Bytes an op copies in all.
+[[nodiscard]] constexpr std::size_t total_bytes(const copy_op& op) noexcept { return op.bytes * op.rows; }
+
+/// @brief Performs `op` in host memory.
+inline void copy_host(const copy_op& op) noexcept {
+  if (op.bytes == 0) return;
+  if (op.rows == 1) {
+    std::memcpy(op.dst, op.src, op.bytes);
+    return;
+  }
+  const std::byte* s = op.src;
+  std::byte* d = op.dst;
+  for (std::size_t r = 0; r < op.rows; ++r, s += op.src_pitch, d += op.dst_pitch) std::memcpy(d, s, op.bytes);
+}
+
+/// @brief Performs bytes `[begin, end)` of `op` in host memory, counted row after row
+/// (`0 <= begin <= end <= total_bytes(op)`); lets a large op be split across threads.
+inline void copy_host(const copy_op& op, std::size_t begin, std::size_t end) noexcept {
+  if (begin >= end || op.bytes == 0) return;
+  if (op.rows == 1) {
+    std::memcpy(op.dst + begin, op.src + begin, end - begin);
+    return;
+  }
+  std::size_t r = begin / op.bytes, c = begin % op.bytes;
+  for (std::size_t at = begin; at < end; ++r, c = 0) {
+    const std::size_t n = std::min(op.bytes - c, end - at);
+    std::memcpy(op.dst + r * op.dst_pitch + c, op.src + r * op.src_pitch + c, n);
+    at += n;
+  }
+}
 
 }  // namespace kvortex
 

@@ -39,6 +39,8 @@ struct transfer_hints {
 /// - `s.submit(ops, std::move(done))`: performs every copy in `ops`, inline or in the background,
 ///   then calls `done` exactly once (on any thread) with success or the first failure. `ops` stay
 ///   valid until `done` is called; `done` must not be called with the scheduler's locks held.
+///   Ops may be 2D (`rows` rows at `src_pitch` / `dst_pitch`, see `copy_op`); `copy_host` performs
+///   one in host memory.
 /// - `s.drain()`: blocks until every batch submitted so far has called its `done`.
 ///
 /// Optional: `s.submit(ops, hints, std::move(done))` with a `const transfer_hints&`; the engine

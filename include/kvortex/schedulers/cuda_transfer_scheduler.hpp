@@ -71,7 +71,8 @@ enum class cuda_transfer_mode : std::uint8_t {
 /// kernel packs fragments into a device staging slab laid out like the destination, then one
 /// `cudaMemcpyAsync` per contiguous destination run moves the slab to the host. Retrieve is the
 /// mirror image (DMA into a slab, then a scatter kernel). Several slabs are in flight; the kernels
-/// run on a high-priority stream with few CTAs. Kernels come from NVRTC at first use
+/// run on a high-priority stream, one short CTA per SM, so a slab is gathered in the gaps between
+/// a concurrent model's kernels. Kernels come from NVRTC at first use
 /// (`detail/nvrtc_program.hpp`); without NVRTC every batch goes through `cudaMemcpyBatchAsync`.
 /// Host-to-host batches are copied with `memcpy` on the caller's thread.
 ///
@@ -99,9 +100,11 @@ class cuda_transfer_scheduler {
     if (!info) return std::unexpected(info.error());
     cuda_transfer_tuning t = o.tuning ? *o.tuning : select_cuda_transfer_tuning(info->cc_major, info->cc_minor);
     if (t.slabs < 2 || t.slab_bytes < 4096 || t.threads < 32 || t.threads > 1024 || t.threads % 32 != 0 ||
-        t.max_fragment_bytes == 0 || t.dma_streams == 0 || t.descriptor_capacity < 1024)
+        t.max_fragment_bytes == 0 || t.max_fragment_bytes > (std::size_t{1} << 31) || t.dma_streams == 0 ||
+        t.descriptor_capacity < 1024)
       return fail(errc::invalid_config, "cuda_transfer_scheduler: unusable tuning (slabs >= 2, slab_bytes >= 4096, "
-                                        "threads a multiple of 32 in [32, 1024], descriptor_capacity >= 1024)");
+                                        "threads a multiple of 32 in [32, 1024], max_fragment_bytes in [1, 2 GiB], "
+                                        "descriptor_capacity >= 1024)");
     if (t.ctas == 0) t.ctas = static_cast<unsigned>(std::max(1, info->sm_count));
     std::unique_ptr<impl> p;
     try {
@@ -171,14 +174,19 @@ class cuda_transfer_scheduler {
     transfer_callback done;
   };
 
+  // Host bytes [host, host + bytes) mirrored at slab offset `slab_off`. The fragments placed in it
+  // (descriptors [first_frag, end_frag) of the window) fill `covered` bytes of it: all of it when
+  // they tile the span (1D runs; the heads of an HND block), and then one DMA moves the run.
   struct run {
     std::byte* host;
     std::size_t slab_off;
     std::size_t bytes;
+    std::size_t covered;
+    std::size_t first_frag, end_frag;
   };
 
   struct planned_slab {
-    std::size_t first_frag, frags;
+    std::size_t first_frag{0}, frags{0};
     std::vector<run> runs;
   };
 
@@ -198,7 +206,7 @@ class cuda_transfer_scheduler {
     std::vector<cudaEvent_t> event_pool;
     std::vector<void*> dma_dst, dma_src;
     std::vector<std::size_t> dma_size;
-    std::vector<planned_slab> plan;
+    planned_slab plan;  // reused: no allocation per slab
 
     std::mutex cm;
     std::condition_variable ccv;
@@ -370,7 +378,7 @@ class cuda_transfer_scheduler {
         if (any_dev) rt = route::mixed;
       }
       if (rt == route::host) {
-        for (const auto& op : ops) std::memcpy(op.dst, op.src, op.bytes);
+        for (const auto& op : ops) copy_host(op);
         done(result<void>{});
         return;
       }
@@ -471,9 +479,12 @@ class cuda_transfer_scheduler {
       auto* wait_ev = static_cast<cudaEvent_t>(h ? h->wait_event : nullptr);
       bool staged = kernels.has_value() && mode != cuda_transfer_mode::dma && rt != route::mixed;
       if (staged && mode == cuda_transfer_mode::automatic && tune.dma_min_fragment_bytes > 0) {
-        std::size_t total = 0;
-        for (const auto& op : ops) total += op.bytes;
-        staged = total / ops.size() < tune.dma_min_fragment_bytes;
+        std::size_t total = 0, frags = 0;
+        for (const auto& op : ops) {
+          total += total_bytes(op);
+          frags += op.rows;
+        }
+        staged = frags == 0 || total / frags < tune.dma_min_fragment_bytes;
       }
       cudaStream_t last = nullptr;
       auto r = staged ? enqueue_staged(l, store, ops, wait_ev, last) : enqueue_dma(l, ops, wait_ev, last);
@@ -489,28 +500,36 @@ class cuda_transfer_scheduler {
 
     result<void> enqueue_dma(lane& l, std::span<const copy_op> ops, cudaEvent_t wait_ev, cudaStream_t& last) {
       using detail::cuda::check;
-      const std::size_t nstreams = std::min<std::size_t>(l.dma.size(), ops.size());
+      // One batch entry per row: the batch API copies 1D ranges only.
+      l.dma_dst.clear();
+      l.dma_src.clear();
+      l.dma_size.clear();
+      for (const auto& op : ops)
+        for (std::size_t r = 0; r < op.rows && op.bytes != 0; ++r) {
+          l.dma_dst.push_back(op.dst + r * op.dst_pitch);
+          l.dma_src.push_back(const_cast<std::byte*>(op.src) + r * op.src_pitch);
+          l.dma_size.push_back(op.bytes);
+        }
+      const std::size_t count = l.dma_size.size();
+      last = l.copy;
+      if (wait_ev)
+        if (auto r = check(cudaStreamWaitEvent(l.copy, wait_ev, 0), "cudaStreamWaitEvent(hints.wait_event)"); !r) return r;
+      if (count == 0) return {};
+      const std::size_t nstreams = std::min<std::size_t>(l.dma.size(), count);
       // Fork: every DMA stream starts after what the caller asked for and after the lane's earlier work.
       cudaEvent_t fork{};
       if (auto e = take_event(l); !e) return std::unexpected(e.error()); else fork = *e;
       auto give_back = [&](cudaEvent_t e) { l.event_pool.push_back(e); };
-      if (wait_ev)
-        if (auto r = check(cudaStreamWaitEvent(l.copy, wait_ev, 0), "cudaStreamWaitEvent(hints.wait_event)"); !r) return r;
-      if (auto r = check(cudaEventRecord(fork, l.copy), "cudaEventRecord"); !r) return r;
-      l.dma_dst.resize(ops.size());
-      l.dma_src.resize(ops.size());
-      l.dma_size.resize(ops.size());
-      for (std::size_t i = 0; i < ops.size(); ++i) {
-        l.dma_dst[i] = ops[i].dst;
-        l.dma_src[i] = const_cast<std::byte*>(ops[i].src);
-        l.dma_size[i] = ops[i].bytes;
+      if (auto r = check(cudaEventRecord(fork, l.copy), "cudaEventRecord"); !r) {
+        give_back(fork);
+        return r;
       }
       cudaMemcpyAttributes attr{};
       attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
       attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
       std::size_t attr_idx = 0;
       for (std::size_t s = 0; s < nstreams; ++s) {
-        const std::size_t b = ops.size() * s / nstreams, e = ops.size() * (s + 1) / nstreams;
+        const std::size_t b = count * s / nstreams, e = count * (s + 1) / nstreams;
         if (auto r = check(cudaStreamWaitEvent(l.dma[s], fork, 0), "cudaStreamWaitEvent"); !r) return r;
         cudaError_t err = cudaMemcpyBatchAsync(l.dma_dst.data() + b, l.dma_src.data() + b, l.dma_size.data() + b,
                                                e - b, &attr, &attr_idx, 1, l.dma[s]);
@@ -532,80 +551,185 @@ class cuda_transfer_scheduler {
         give_back(*j);  // re-recording later is fine: the wait above captured this record
       }
       give_back(fork);
-      last = l.copy;
       return {};
     }
 
     result<void> enqueue_staged(lane& l, bool store, std::span<const copy_op> ops, cudaEvent_t wait_ev,
                                 cudaStream_t& last) {
       using detail::cuda::check;
+      constexpr std::size_t u32_max = 0xFFFFFFFFu;
       const std::size_t window_cap = std::max<std::size_t>(l.cap / 4, 1);
       const std::size_t slab_bytes = tune.slab_bytes;
+      const std::size_t max_frag = tune.max_fragment_bytes;
       if (wait_ev) {
         cudaStream_t first = store ? l.stage : l.copy;
         if (auto r = check(cudaStreamWaitEvent(first, wait_ev, 0), "cudaStreamWaitEvent(hints.wait_event)"); !r) return r;
       }
-      std::size_t op_i = 0, op_off = 0;
-      while (op_i < ops.size()) {
+      // Position in the batch: op, row, byte within the row.
+      struct cursor {
+        std::size_t op, row, col;
+      };
+      // The last point where the slab's last run was exactly tiled, saved when a piece breaks the
+      // tiling; a slab that fills up mid-tile is cut back to it, so the tile moves whole with the
+      // next slab (one DMA instead of one per piece).
+      struct checkpoint {
+        cursor at;
+        std::size_t nfr, runs, used;
+        run last;
+      };
+      cursor at{0, 0, 0};
+      while (at.op < ops.size()) {
         // Plan one window of descriptors: whole slabs, each a list of fragments and host runs.
         auto base = ring_acquire(l, window_cap);
         if (!base) return std::unexpected(base.error());
-        l.plan.clear();
         std::size_t nfr = 0;
-        const std::size_t first_slab = l.next_slab;
-        while (op_i < ops.size() && nfr < window_cap) {
-          const std::size_t b = (first_slab + l.plan.size()) % l.slabs.size();
-          std::byte* const sbase = l.slabs[b].dev;
-          planned_slab ps{nfr, 0, {}};
+        while (at.op < ops.size() && nfr < window_cap) {
+          std::byte* const sbase = l.slabs[l.next_slab % l.slabs.size()].dev;
+          planned_slab& ps = l.plan;
+          ps.first_frag = nfr;
+          ps.runs.clear();
           std::size_t used = 0;
-          while (op_i < ops.size() && nfr < window_cap) {
-            const copy_op& op = ops[op_i];
-            if (op.bytes == 0) {
-              ++op_i;
+          std::optional<checkpoint> cp;
+          bool full = false;
+          while (at.op < ops.size() && nfr < window_cap) {
+            const copy_op& op = ops[at.op];
+            if (op.bytes == 0 || op.rows == 0) {
+              at = {at.op + 1, 0, 0};
               continue;
             }
-            std::byte* host = store ? op.dst + op_off : const_cast<std::byte*>(op.src) + op_off;
-            std::byte* cache = store ? const_cast<std::byte*>(op.src) + op_off : op.dst + op_off;
-            const bool extends = !ps.runs.empty() && ps.runs.back().host + ps.runs.back().bytes == host;
-            std::size_t off = used;
-            if (!extends) {
-              // A new run keeps the host address's alignment so the kernel can use 16-byte accesses.
-              const std::size_t mis = reinterpret_cast<std::uintptr_t>(host) % 256;
-              off = (used + 255) / 256 * 256 + mis;
-              if (off >= slab_bytes) break;
+            const std::size_t host_pitch = store ? op.dst_pitch : op.src_pitch;
+            const std::size_t cache_pitch = store ? op.src_pitch : op.dst_pitch;
+            std::byte* host = (store ? op.dst : const_cast<std::byte*>(op.src)) + at.row * host_pitch + at.col;
+            std::byte* cache = (store ? const_cast<std::byte*>(op.src) : op.dst) + at.row * cache_pitch + at.col;
+            // A piece joins the last run when it starts inside or right at the end of its span.
+            run* cur = ps.runs.empty() ? nullptr : &ps.runs.back();
+            const auto h = reinterpret_cast<std::uintptr_t>(host);
+            const auto h0 = cur != nullptr ? reinterpret_cast<std::uintptr_t>(cur->host) : 0;
+            if (op.rows == 1 && cur != nullptr && h - h0 == cur->bytes && cur->covered == cur->bytes) {
+              // Common case (1D ops back to back in the chunk): extend a tiled run.
+              const std::size_t off = cur->slab_off + cur->bytes;
+              if (off >= slab_bytes) {
+                full = true;
+                break;
+              }
+              const std::size_t piece = std::min({op.bytes - at.col, max_frag, slab_bytes - off});
+              auto& d = l.hdesc[*base + nfr];
+              const auto slab_addr = reinterpret_cast<std::uint64_t>(sbase + off);
+              const auto cache_addr = reinterpret_cast<std::uint64_t>(cache);
+              d = {store ? cache_addr : slab_addr, store ? slab_addr : cache_addr, static_cast<std::uint32_t>(piece), 1, 0, 0};
+              ++nfr;
+              cur->bytes += piece;
+              cur->covered += piece;
+              cur->end_frag = nfr;
+              used = off + piece;
+              if ((at.col += piece) == op.bytes) at = {at.op + 1, 0, 0};
+              if (used >= slab_bytes) {
+                full = true;
+                break;
+              }
+              continue;
             }
-            const std::size_t left = op.bytes - op_off;
-            const std::size_t piece = std::min({left, tune.max_fragment_bytes, slab_bytes - off});
-            if (piece == 0) break;
+            const bool joins = cur != nullptr && h >= h0 && h - h0 <= cur->bytes;
+            std::size_t off = 0;
+            if (joins) {
+              off = cur->slab_off + (h - h0);
+            } else {
+              // A new run keeps the host address's alignment so the kernel can use 16-byte accesses.
+              off = (used + 255) / 256 * 256 + h % 256;
+            }
+            if (off >= slab_bytes) {
+              full = true;
+              break;
+            }
+            const std::size_t room = slab_bytes - off;
+            // Several rows per piece while rows are short; long rows go one piece of a row at a time.
+            std::size_t rows = 1, piece = 0;
+            if (op.rows - at.row > 1 && at.col == 0 && op.bytes < max_frag && host_pitch >= op.bytes &&
+                host_pitch <= u32_max && cache_pitch <= u32_max) {
+              // Divisions only when the whole rest of the op does not fit (they cost more than the rest).
+              rows = op.rows - at.row;
+              if (rows * op.bytes > max_frag) rows = max_frag / op.bytes;
+              if ((rows - 1) * host_pitch + op.bytes > room)
+                rows = op.bytes > room ? 0 : std::min(rows, (room - op.bytes) / host_pitch + 1);
+              if (rows == 0 && nfr > ps.first_frag) {
+                full = true;
+                break;
+              }
+              if (rows > 0) piece = op.bytes;
+            }
+            if (rows <= 1) {
+              rows = 1;
+              piece = std::min({op.bytes - at.col, max_frag, room});
+            }
+            {
+              // Will the last run still be tiled after this piece? If not and it is now, remember now.
+              const bool tiled = cur == nullptr || cur->covered == cur->bytes;
+              const std::size_t span = (rows - 1) * host_pitch + piece;
+              const bool tiled_after = joins ? cur->covered + rows * piece == std::max(cur->bytes, (h - h0) + span)
+                                             : rows * piece == span;
+              if (tiled && !tiled_after)
+                cp = checkpoint{at, nfr, ps.runs.size(), used, cur != nullptr ? *cur : run{}};
+            }
             auto& d = l.hdesc[*base + nfr];
             const auto slab_addr = reinterpret_cast<std::uint64_t>(sbase + off);
             const auto cache_addr = reinterpret_cast<std::uint64_t>(cache);
             d.src = store ? cache_addr : slab_addr;
             d.dst = store ? slab_addr : cache_addr;
-            d.bytes = piece;
-            d.reserved = 0;
+            d.bytes = static_cast<std::uint32_t>(piece);
+            d.rows = static_cast<std::uint32_t>(rows);
+            d.src_pitch = rows > 1 ? static_cast<std::uint32_t>(store ? cache_pitch : host_pitch) : 0;
+            d.dst_pitch = rows > 1 ? static_cast<std::uint32_t>(store ? host_pitch : cache_pitch) : 0;
             ++nfr;
-            if (extends)
-              ps.runs.back().bytes += piece;
-            else
-              ps.runs.push_back({host, off, piece});
-            used = off + piece;
-            op_off += piece;
-            if (op_off == op.bytes) {
-              ++op_i;
-              op_off = 0;
+            const std::size_t span = (rows - 1) * host_pitch + piece;
+            if (joins) {
+              cur->bytes = std::max(cur->bytes, (h - h0) + span);
+              cur->covered += rows * piece;
+              cur->end_frag = nfr;
+            } else {
+              ps.runs.push_back({host, off, span, rows * piece, nfr - 1, nfr});
             }
-            if (used >= slab_bytes) break;
+            used = ps.runs.back().slab_off + ps.runs.back().bytes;
+            if (rows > 1) {
+              at.row += rows;
+            } else if ((at.col += piece) == op.bytes) {
+              at.col = 0;
+              ++at.row;
+            }
+            if (at.row == op.rows) at = {at.op + 1, 0, 0};
+            if (used >= slab_bytes) {
+              full = true;
+              break;
+            }
+          }
+          if ((full || nfr == window_cap) && at.op < ops.size() && !ps.runs.empty() &&
+              ps.runs.back().covered != ps.runs.back().bytes && cp && cp->nfr > ps.first_frag) {
+            at = cp->at;
+            nfr = cp->nfr;
+            ps.runs.resize(cp->runs);
+            if (cp->runs != 0) ps.runs.back() = cp->last;
           }
           ps.frags = nfr - ps.first_frag;
           if (ps.frags == 0) break;
           // Enqueued at once, so the GPU starts while later slabs are still being planned.
           if (auto r = enqueue_slab(l, store, *base, ps); !r) return r;
-          l.plan.push_back(std::move(ps));
         }
         if (nfr == 0) {
-          if (op_i >= ops.size()) break;  // only empty ops were left
+          if (at.op >= ops.size()) {  // only empty ops were left
+            l.head = *base;
+            break;
+          }
           return fail(errc::internal, "cuda_transfer_scheduler: planned an empty window");
+        }
+        // Give back the part of the window this batch did not use, so that small batches (one
+        // layer at a time) do not wait for the ring; recycle finished windows, at most 64 in flight.
+        l.head = *base + nfr;
+        while (!l.windows.empty()) {
+          const window w = l.windows.front();
+          if (l.windows.size() < 64 && cudaEventQuery(w.ev) == cudaErrorNotReady) break;
+          l.windows.pop_front();
+          const auto r = check(cudaEventSynchronize(w.ev), "cudaEventSynchronize(descriptor ring)");
+          l.event_pool.push_back(w.ev);
+          if (!r) return r;
         }
         auto wev = take_event(l);
         if (!wev) return std::unexpected(wev.error());
@@ -613,7 +737,7 @@ class cuda_transfer_scheduler {
           l.event_pool.push_back(*wev);
           return r;
         }
-        l.windows.push_back({*base, *base + window_cap, *wev});
+        l.windows.push_back({*base, *base + nfr, *wev});
       }
       last = store ? l.copy : l.stage;
       return {};
@@ -623,30 +747,48 @@ class cuda_transfer_scheduler {
     result<void> enqueue_slab(lane& l, bool store, std::size_t base, const planned_slab& ps) {
       using detail::cuda::check;
       detail::kernel_fragment* d = l.ddesc + base + ps.first_frag;
-      // Descriptors go up on the stage stream, ahead of the kernel that reads them.
+      // Descriptors go up ahead of the kernel that reads them: for a store on the stage stream
+      // (the copy engine going up is idle); for a retrieve on the copy stream before the slab's
+      // data, since on the stage stream they would queue behind earlier slabs' uploads and miss
+      // the gaps between compute kernels in which the scatter can get SMs.
       if (auto r = check(cudaMemcpyAsync(d, l.hdesc + base + ps.first_frag, ps.frags * sizeof(detail::kernel_fragment),
-                                         cudaMemcpyHostToDevice, l.stage),
+                                         cudaMemcpyHostToDevice, store ? l.stage : l.copy),
                          "cudaMemcpyAsync(descriptors)");
           !r)
         return r;
       slab& s = l.slabs[l.next_slab++ % l.slabs.size()];
+      // One DMA per run; a run its pieces do not tile moves piece by piece (only its own bytes).
+      const auto dma = [&](const run& rn) -> result<void> {
+        const auto kind = store ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice;
+        if (rn.covered == rn.bytes) {
+          void* dst = store ? static_cast<void*>(rn.host) : static_cast<void*>(s.dev + rn.slab_off);
+          const void* src = store ? static_cast<const void*>(s.dev + rn.slab_off) : static_cast<const void*>(rn.host);
+          return check(cudaMemcpyAsync(dst, src, rn.bytes, kind, l.copy), "cudaMemcpyAsync(slab run)");
+        }
+        for (std::size_t i = rn.first_frag; i < rn.end_frag; ++i) {
+          const detail::kernel_fragment& f = l.hdesc[base + i];
+          auto* slab_p = reinterpret_cast<std::byte*>(store ? f.dst : f.src);
+          std::byte* host_p = rn.host + (slab_p - (s.dev + rn.slab_off));
+          const std::size_t pitch = store ? f.dst_pitch : f.src_pitch;
+          void* dst = store ? static_cast<void*>(host_p) : static_cast<void*>(slab_p);
+          const void* src = store ? static_cast<const void*>(slab_p) : static_cast<const void*>(host_p);
+          const cudaError_t e = f.rows > 1 ? cudaMemcpy2DAsync(dst, pitch, src, pitch, f.bytes, f.rows, kind, l.copy)
+                                           : cudaMemcpyAsync(dst, src, f.bytes, kind, l.copy);
+          if (auto r = check(e, "cudaMemcpyAsync(slab piece)"); !r) return r;
+        }
+        return {};
+      };
       if (store) {
         if (auto r = gather_or_scatter(l, true, d, ps.frags, s.free); !r) return r;
         if (auto r = check(cudaEventRecord(s.ready, l.stage), "cudaEventRecord"); !r) return r;
         if (auto r = check(cudaStreamWaitEvent(l.copy, s.ready, 0), "cudaStreamWaitEvent"); !r) return r;
         for (const auto& rn : ps.runs)
-          if (auto r = check(cudaMemcpyAsync(rn.host, s.dev + rn.slab_off, rn.bytes, cudaMemcpyDeviceToHost, l.copy),
-                             "cudaMemcpyAsync(slab -> host)");
-              !r)
-            return r;
+          if (auto r = dma(rn); !r) return r;
         return check(cudaEventRecord(s.free, l.copy), "cudaEventRecord");
       }
       if (auto r = check(cudaStreamWaitEvent(l.copy, s.free, 0), "cudaStreamWaitEvent"); !r) return r;
       for (const auto& rn : ps.runs)
-        if (auto r = check(cudaMemcpyAsync(s.dev + rn.slab_off, rn.host, rn.bytes, cudaMemcpyHostToDevice, l.copy),
-                           "cudaMemcpyAsync(host -> slab)");
-            !r)
-          return r;
+        if (auto r = dma(rn); !r) return r;
       if (auto r = check(cudaEventRecord(s.ready, l.copy), "cudaEventRecord"); !r) return r;
       if (auto r = gather_or_scatter(l, false, d, ps.frags, s.ready); !r) return r;
       return check(cudaEventRecord(s.free, l.stage), "cudaEventRecord");

@@ -6,7 +6,6 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstddef>
-#include <cstring>
 #include <deque>
 #include <functional>
 #include <memory>
@@ -25,6 +24,8 @@ namespace kvortex {
 /// @brief Copies with `memcpy`. A batch below `parallel_bytes` runs on the caller's thread (a
 /// thread hand-off costs more than copying a few MiB); a larger one is cut into equal byte ranges,
 /// one per thread, the caller's thread included, since one core cannot saturate memory bandwidth.
+/// The ranges count the bytes of every op row after row, so a 2D op is split between rows or
+/// inside one.
 class host_transfer_scheduler {
  public:
   /// @param threads copy threads including the caller's; 0 picks `hardware_concurrency`, capped at 8.
@@ -45,7 +46,7 @@ class host_transfer_scheduler {
 
   void submit(std::span<const copy_op> ops, transfer_callback done) {
     std::size_t total = 0;
-    for (const auto& op : ops) total += op.bytes;
+    for (const auto& op : ops) total += total_bytes(op);
     const std::size_t parts = pool_->workers.empty() || total < pool_->parallel_bytes ? 1 : threads();
     if (parts == 1) {
       copy_range(ops, 0, total);
@@ -81,9 +82,10 @@ class host_transfer_scheduler {
   static void copy_range(std::span<const copy_op> ops, std::size_t begin, std::size_t end) {
     std::size_t at = 0;
     for (const auto& op : ops) {
-      const std::size_t lo = std::max(begin, at), hi = std::min(end, at + op.bytes);
-      if (lo < hi) std::memcpy(op.dst + (lo - at), op.src + (lo - at), hi - lo);
-      at += op.bytes;
+      const std::size_t n = total_bytes(op);
+      const std::size_t lo = std::max(begin, at), hi = std::min(end, at + n);
+      if (lo < hi) copy_host(op, lo - at, hi - at);
+      at += n;
       if (at >= end) break;
     }
   }

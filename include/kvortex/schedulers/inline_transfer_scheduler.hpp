@@ -2,7 +2,6 @@
 /// @file inline_transfer_scheduler.hpp
 /// @brief Copies every batch on the calling thread before `submit` returns.
 
-#include <cstring>
 #include <span>
 #include <utility>
 
@@ -17,7 +16,7 @@ class inline_transfer_scheduler {
  public:
   /// @brief Copies `ops`, then calls `done`.
   void submit(std::span<const copy_op> ops, transfer_callback done) {
-    for (const auto& op : ops) std::memcpy(op.dst, op.src, op.bytes);
+    for (const auto& op : ops) copy_host(op);
     done(result<void>{});
   }
   /// @brief Nothing is ever pending.
