@@ -97,7 +97,8 @@ void lookup_prompt(benchmark::State& state) {
       state.SkipWithError("lookup returned an unexpected count");
       break;
     }
-    benchmark::DoNotOptimize(*n);
+    std::size_t found = *n;  // an lvalue: newer Google Benchmark deprecates DoNotOptimize(const&)
+    benchmark::DoNotOptimize(found);
   }
   state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations()));
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * (hit ? prompt_tokens : 256) * sizeof(token_id)));

@@ -153,7 +153,7 @@ TEST_CASE("xxh3_hasher: digest in the first 16 bytes, zero tail") {
   for (std::size_t i = 16; i < 32; ++i) CHECK(k.bytes[i] == std::byte{0});
   for (std::size_t i = 16; i < 32; ++i) CHECK(parent.bytes[i] == std::byte{0});
 
-  // The streaming digest equals XXH3-128 one-shot over the concatenation, in canonical order.
+  // The digest equals XXH3-128 over the concatenation, in canonical order.
   std::vector<unsigned char> buf(32 + chunk.size() * 4);
   std::memcpy(buf.data(), parent.bytes.data(), 32);
   for (std::size_t i = 0; i < chunk.size(); ++i) {
