@@ -122,25 +122,38 @@ TEST_CASE("sha256_hasher: known answers") {
   CHECK(kvortex::sha256_hasher::name == "sha256");
   const std::vector<token_id> tokens{1, 2, 3, -1, 0x12345678};
 
-  // sha256sum of 32 zero bytes followed by 01000000 02000000 03000000 ffffffff 78563412.
-  CHECK(h.chain(chunk_key{}, tokens).hex() == "3b028af712ab4b7750c455c68458e5fc57c9b77a75e16453dbbb160305a6d550");
+  // sha256sum of 32 zero bytes, 01000000 02000000 03000000 ffffffff 78563412, width 04.
+  CHECK(h.chain(chunk_key{}, tokens).hex() == "0e483a9711b5c71565867942ec36116fbeb15fe90a30f1da193366b421e2f74f");
+  // sha256sum of 32 zero bytes, 010000 020000 efcdab, width 03: ids below 2^24 take 3 bytes.
+  const std::vector<token_id> narrow{1, 2, 0xABCDEF};
+  CHECK(h.chain(chunk_key{}, narrow).hex() == "e1670a94e1db12b5acbdcd809da6c68dc020a7a5b5a2cab19f2a4ca0faae4605");
   // sha256sum of "kvortex-root\0model".
   CHECK(h.root(bytes_of("model")) == from_hex("c6d232b01bceccf83e54096941facbea9ab6f9b977dff3cba8360b69eeb8000c"));
-  // sha256sum of 32 zero bytes.
-  CHECK(h.chain(chunk_key{}, {}).hex() == "66687aadf862bd776c8fc18b8e9f8e20089714856ee233b3902a591d0d5f2925");
+  // sha256sum of 32 zero bytes and the width byte 03.
+  CHECK(h.chain(chunk_key{}, {}).hex() == "d9cf8add8675a1b25627d7b0ec33bc177cb3930b0b6e995d79c386b980b2f4d6");
 
   // And against OpenSSL's one-shot SHA256() over the concatenated bytes of a full chunk.
-  const auto chunk = iota_tokens(256, -128);
+  // Chunks of every size and both widths, against a message written out independently.
   const chunk_key parent = h.root(bytes_of("seed"));
-  std::vector<unsigned char> buf(32 + chunk.size() * 4);
-  std::memcpy(buf.data(), parent.bytes.data(), 32);
-  for (std::size_t i = 0; i < chunk.size(); ++i) {
-    const auto v = static_cast<std::uint32_t>(chunk[i]);
-    for (std::size_t b = 0; b < 4; ++b) buf[32 + 4 * i + b] = static_cast<unsigned char>(v >> (8 * b));
+  for (const token_id start : {-128, 0, 100000}) {
+    for (const std::size_t n : {std::size_t{1}, std::size_t{7}, std::size_t{256}, std::size_t{1023},
+                                std::size_t{1024}, std::size_t{2051}}) {
+      CAPTURE(start);
+      CAPTURE(n);
+      const auto chunk = iota_tokens(n, start);
+      const std::size_t width = start < 0 ? 4 : 3;
+      std::vector<unsigned char> buf(32 + chunk.size() * width + 1);
+      std::memcpy(buf.data(), parent.bytes.data(), 32);
+      for (std::size_t i = 0; i < chunk.size(); ++i) {
+        const auto v = static_cast<std::uint32_t>(chunk[i]);
+        for (std::size_t b = 0; b < width; ++b) buf[32 + width * i + b] = static_cast<unsigned char>(v >> (8 * b));
+      }
+      buf.back() = static_cast<unsigned char>(width);
+      chunk_key expected;
+      SHA256(buf.data(), buf.size(), reinterpret_cast<unsigned char*>(expected.bytes.data()));
+      CHECK(h.chain(parent, chunk) == expected);
+    }
   }
-  chunk_key expected;
-  SHA256(buf.data(), buf.size(), reinterpret_cast<unsigned char*>(expected.bytes.data()));
-  CHECK(h.chain(parent, chunk) == expected);
 }
 
 #ifdef KVORTEX_HAS_XXH3_HASHER
@@ -165,3 +178,25 @@ TEST_CASE("xxh3_hasher: digest in the first 16 bytes, zero tail") {
   CHECK(std::memcmp(k.bytes.data(), c.digest, 16) == 0);
 }
 #endif
+
+TEST_CASE("compact token packing: the scalar and the SIMD path agree") {
+  std::vector<std::uint32_t> ids(1024);
+  std::uint32_t x = 12345;
+  for (auto& v : ids) v = (x = x * 1103515245u + 12345u) % (1u << 24);
+  std::vector<std::uint32_t> scalar(3 * ids.size() / 4 + 1, 0);
+  const std::uint32_t all = kvortex::detail::pack_24bit(ids.data(), ids.size(), scalar.data());
+  std::uint32_t expect_all = 0;
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    expect_all |= ids[i];
+    const auto* b = reinterpret_cast<const unsigned char*>(scalar.data()) + 3 * i;
+    CHECK(static_cast<std::uint32_t>(b[0] | b[1] << 8 | b[2] << 16) == ids[i]);
+  }
+  CHECK(all == expect_all);
+#ifdef KVORTEX_PACK_SSSE3
+  if (__builtin_cpu_supports("ssse3")) {
+    std::vector<unsigned char> simd(3 * ids.size() + 4, 0);
+    CHECK(kvortex::detail::pack_24bit_ssse3(ids.data(), ids.size(), simd.data()) == all);
+    CHECK(std::memcmp(simd.data(), scalar.data(), 3 * ids.size()) == 0);
+  }
+#endif
+}

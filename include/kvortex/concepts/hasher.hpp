@@ -17,8 +17,9 @@ namespace kvortex {
 /// Required expressions, for `const H& h`, `std::span<const std::byte> seed`,
 /// `const chunk_key& parent`, `std::span<const token_id> tokens`:
 /// - `h.root(seed) -> chunk_key`: the chain's root for a serialized namespace.
-/// - `h.chain(parent, tokens) -> chunk_key`: digest of the parent's 32 bytes followed by the
-///   tokens' bytes (little-endian 32-bit). Equal inputs give equal keys in every process.
+/// - `h.chain(parent, tokens) -> chunk_key`: digest of the parent's 32 bytes followed by an
+///   injective encoding of the tokens (each hasher documents its own). Equal inputs give equal
+///   keys in every process and on every platform.
 /// - `H::name -> std::string_view`: a stable name, e.g. "sha256".
 ///
 /// Semantics: `root` and `chain` are `const` and safe to call from many threads at once; they do

@@ -21,7 +21,9 @@ namespace kvortex {
 /// @brief Chains chunk keys with SHA-256, the hash vLLM uses by default.
 ///
 /// `root(seed) = SHA-256("kvortex-root\0" || seed)`;
-/// `chain(parent, tokens) = SHA-256(parent's 32 bytes || tokens as little-endian int32)`.
+/// `chain(parent, tokens) = SHA-256(parent's 32 bytes || tokens || width)`, each token in `width`
+/// little-endian bytes: 3 when all ids of the chunk are below 2^24, else 4
+/// (`detail::for_each_compact_chain_bytes`; a quarter fewer bytes to digest).
 /// Collision resistant, so tenants that do not trust each other can share a store (given a
 /// per-tenant `cache_salt`). OpenSSL picks SHA-NI or ARMv8 SHA instructions where present.
 ///
@@ -51,8 +53,8 @@ class sha256_hasher {
   /// @brief The key of the chunk `tokens` following the chunk keyed `parent`.
   [[nodiscard]] chunk_key chain(const chunk_key& parent, std::span<const token_id> tokens) const noexcept {
     EVP_MD_CTX* ctx = begin();
-    EVP_DigestUpdate(ctx, parent.bytes.data(), parent.bytes.size());
-    detail::for_each_token_bytes(tokens, [ctx](const void* p, std::size_t n) { EVP_DigestUpdate(ctx, p, n); });
+    detail::for_each_compact_chain_bytes(parent, tokens,
+                                         [ctx](const void* p, std::size_t n) { EVP_DigestUpdate(ctx, p, n); });
     return finish(ctx);
   }
 
