@@ -14,6 +14,8 @@
 // slabs, which keep freed chunks mapped.
 
 #include <benchmark/benchmark.h>
+
+#include "bench_support.hpp"
 #include <sys/resource.h>
 
 #include <cstddef>
@@ -47,16 +49,7 @@ static_assert(chunk_bytes == std::size_t{1} << 20);
 constexpr std::size_t total_bytes = chunk_bytes * prompt_chunks;
 constexpr std::size_t half_chunk = chunk_bytes / 2;  // one plane's rows of one chunk
 
-[[noreturn]] void die(const std::string& what, const kvortex::error& e) {
-  std::fprintf(stderr, "%s: %s\n", what.c_str(), e.message.c_str());
-  std::abort();
-}
-
-template <class T>
-T take(kvortex::result<T> r, const char* what) {
-  if (!r) die(what, r.error());
-  if constexpr (!std::is_void_v<T>) return std::move(*r);
-}
+using kvb::take;
 
 // The ticket's count, or the error of submitting or of the copy (GCC 12's std::expected has no
 // and_then).

@@ -9,6 +9,8 @@
 
 #include <benchmark/benchmark.h>
 
+#include "bench_support.hpp"
+
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -33,16 +35,7 @@ using xxh3_engine = kvortex::basic_engine<kvortex::host_allocator, kvortex::xxh3
 
 constexpr std::size_t prompt_tokens = 8192;
 
-[[noreturn]] void die(const std::string& what, const kvortex::error& e) {
-  std::fprintf(stderr, "%s: %s\n", what.c_str(), e.message.c_str());
-  std::abort();
-}
-
-template <class T>
-T take(kvortex::result<T> r, const char* what) {
-  if (!r) die(what, r.error());
-  return std::move(*r);
-}
+using kvb::take;
 
 kvortex::engine_config tiny_config(std::size_t capacity_bytes) {
   kvortex::engine_config cfg;

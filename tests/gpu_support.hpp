@@ -9,6 +9,8 @@
 #include <kvortex/kvortex.hpp>
 #include <kvortex/schedulers/cuda_transfer_scheduler.hpp>
 
+#include "test_support.hpp"
+
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -159,20 +161,9 @@ inline void apply(const kvortex::kv_layout& host_layout, std::span<const std::in
   for (const auto& op : ops) kvortex::copy_host(op);
 }
 
-inline std::vector<std::int32_t> random_table(std::size_t n, std::size_t num_blocks, std::uint32_t seed) {
-  std::vector<std::int32_t> all(num_blocks);
-  for (std::size_t i = 0; i < num_blocks; ++i) all[i] = static_cast<std::int32_t>(i);
-  std::shuffle(all.begin(), all.end(), std::mt19937(seed));
-  all.resize(n);
-  return all;
-}
+using kvt::random_table;
 
-inline std::vector<kvortex::token_id> tokens(std::size_t n, std::uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<kvortex::token_id> t(n);
-  for (auto& x : t) x = static_cast<kvortex::token_id>(rng() % 128000);
-  return t;
-}
+inline std::vector<kvortex::token_id> tokens(std::size_t n, std::uint32_t seed) { return kvt::make_tokens(n, seed); }
 
 inline kvortex::engine_config config_for(const kvortex::kv_geometry& g, std::size_t capacity_chunks = 64) {
   kvortex::engine_config c;
