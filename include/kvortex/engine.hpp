@@ -209,7 +209,11 @@ class basic_engine {
   }
   ~basic_engine() { shutdown(); }
 
-  [[nodiscard]] const engine_config& config() const noexcept { return s_->cfg; }
+  /// @brief The configuration it was created with (a default one once moved from).
+  [[nodiscard]] const engine_config& config() const noexcept {
+    static const engine_config moved_from{};
+    return s_ ? s_->cfg : moved_from;
+  }
 
   /// @brief The chain of keys of `tokens`: one per full chunk, plus the trailing partial chunk when
   /// `store_partial_chunks` is set.
@@ -472,7 +476,8 @@ class basic_engine {
   }
 
   /// @brief Waits for in-flight transfers, frees every chunk, and makes later calls fail with
-  /// `errc::shut_down`. Idempotent.
+  /// `errc::shut_down`. Idempotent. A `layered_transfer` not yet finished or dropped counts as in
+  /// flight: finish or drop it first, or this waits for it.
   void shutdown() noexcept {
     if (!s_) return;
     auto& st = *s_;
@@ -492,7 +497,8 @@ class basic_engine {
     st.used = 0;
   }
 
-  /// @brief The allocator, e.g. to query a pool; do not free chunk memory through it.
+  /// @brief The allocator, e.g. to query a pool; do not free chunk memory through it. Not on a
+  /// moved-from engine.
   [[nodiscard]] const Allocator& get_allocator() const noexcept { return s_->alloc; }
 
  private:
