@@ -416,7 +416,7 @@ gemm_rig& gemm() {
   return g;
 }
 
-void bm_interference(benchmark::State& st, method m, bool d2h, std::size_t frag) {
+void bm_interference(benchmark::State& st, method m, bool d2h, std::size_t frag, kv_order order = kv_order::nhd) {
   if (!gpu_present()) {
     st.SkipWithError("no CUDA device");
     return;
@@ -426,7 +426,7 @@ void bm_interference(benchmark::State& st, method m, bool d2h, std::size_t frag)
     st.SkipWithError("cuBLAS unavailable");
     return;
   }
-  runner r(m, d2h, kv_order::nhd, frag);
+  runner r(m, d2h, order, frag);
   (void)contiguous_gbps(d2h);
   if (!r.once()) {
     st.SkipWithError("transfer failed");
@@ -570,6 +570,15 @@ const bool registered = [] {
             ->Iterations(1)
             ->Unit(benchmark::kMillisecond);
       }
+  // The HND layout beside the GEMM (ours only: the baselines copy the same fragments either way).
+  for (const std::size_t f : {8 * KiB, 32 * KiB})
+    for (const bool d2h : {true, false}) {
+      const std::string n = "interference/ours_hnd/" + std::string(d2h ? "D2H" : "H2D") + "/" + std::to_string(f / KiB) + "KiB";
+      benchmark::RegisterBenchmark(n.c_str(), [=](benchmark::State& st) { bm_interference(st, method::ours, d2h, f, kv_order::hnd); })
+          ->UseManualTime()
+          ->Iterations(1)
+          ->Unit(benchmark::kMillisecond);
+    }
   for (const std::size_t gib : {8, 32})
     for (const bool ours : {true, false})
       benchmark::RegisterBenchmark(("pool_startup/" + std::string(ours ? "pinned_pool" : "cudaHostAlloc") + "/" +

@@ -8,7 +8,10 @@
 /// table, with 16-byte accesses when both ends, the length and the pitches allow, four loads in
 /// flight per lane, and evict-first cache hints so the copy does not push a concurrent compute
 /// kernel's working set out of L2. A fragment of several rows is copied as one flat range of
-/// elements, so a warp stays busy across short rows (the transposition of HND heads).
+/// elements, so a warp stays busy across short rows (the transposition of HND heads). A fragment
+/// may repeat its rows as `planes` (the heads of one HND block: one fragment instead of one per head);
+/// its plane count and plane pitches then sit in the next table entry, an extension record with
+/// `bytes == 0` that the warp drawing it skips.
 /// The grids are small (a few CTAs), so the kernels fit beside compute kernels.
 
 #include <cstdint>
@@ -17,6 +20,8 @@ namespace kvortex::detail {
 
 /// One fragment as the kernels read it; the host builds tables of these in device memory.
 /// Row `r` copies `bytes` from `src + r*src_pitch` to `dst + r*dst_pitch`; `rows` is at least 1.
+/// With `rows & fragment_planes_flag` the rows (`rows & ~fragment_planes_flag` of them) repeat as
+/// planes described by the next entry: `{src_plane_pitch, dst_plane_pitch, 0, planes, 0, 0}`.
 struct alignas(16) kernel_fragment {
   std::uint64_t src;
   std::uint64_t dst;
@@ -26,6 +31,9 @@ struct alignas(16) kernel_fragment {
   std::uint32_t dst_pitch;
 };
 static_assert(sizeof(kernel_fragment) == 32);
+
+/// Set in `kernel_fragment::rows` when the next entry holds plane count and pitches.
+inline constexpr std::uint32_t fragment_planes_flag = 0x80000000u;
 
 /// Kernel names in `transfer_kernels_source`.
 inline constexpr const char* gather_kernel_name = "kvortex_gather";
@@ -81,7 +89,28 @@ __device__ __forceinline__ void kvx_copy_fragments(const kvortex_frag* __restric
   const unsigned lane = threadIdx.x & 31u;
   const unsigned warps = (gridDim.x * blockDim.x) >> 5;
   for (unsigned f = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; f < count; f += warps) {
-    const kvortex_frag fr = frags[f];
+    kvortex_frag fr = frags[f];
+    if (fr.bytes == 0) continue;  // empty, or the extension record of the fragment before
+    if (fr.rows & 0x80000000u) {
+      // Planes: the same rows again at a fixed distance (plane pitches in the next entry).
+      const kvortex_frag x = frags[f + 1];
+      fr.rows &= 0x7FFFFFFFu;
+      const unsigned long long a = fr.src | fr.dst | fr.bytes | fr.src_pitch | fr.dst_pitch | x.src | x.dst;
+      for (unsigned p = 0; p < x.rows; ++p) {
+        const unsigned long long s = fr.src + p * x.src, d = fr.dst + p * x.dst;
+        if ((a & 15ull) == 0) {
+          kvx_copy_warp_2d(reinterpret_cast<const int4*>(s), reinterpret_cast<int4*>(d), fr.bytes >> 4, fr.rows,
+                           fr.src_pitch >> 4, fr.dst_pitch >> 4, lane);
+        } else if ((a & 3ull) == 0) {
+          kvx_copy_warp_2d(reinterpret_cast<const unsigned*>(s), reinterpret_cast<unsigned*>(d), fr.bytes >> 2,
+                           fr.rows, fr.src_pitch >> 2, fr.dst_pitch >> 2, lane);
+        } else {
+          kvx_copy_warp_2d(reinterpret_cast<const unsigned char*>(s), reinterpret_cast<unsigned char*>(d), fr.bytes,
+                           fr.rows, fr.src_pitch, fr.dst_pitch, lane);
+        }
+      }
+      continue;
+    }
     if (fr.rows <= 1) {
       const unsigned long long a = fr.src | fr.dst | fr.bytes;
       if ((a & 15ull) == 0) {

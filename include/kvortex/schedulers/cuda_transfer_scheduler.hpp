@@ -642,6 +642,61 @@ class cuda_transfer_scheduler {
               break;
             }
             const std::size_t room = slab_bytes - off;
+            // Ops that repeat the previous one's rows at a fixed distance on both sides (the heads of
+            // an HND block) become one fragment of planes: one descriptor pair instead of one each.
+            if (op.rows > 1 && at.row == 0 && at.col == 0 && at.op + 1 < ops.size() && nfr + 2 <= window_cap &&
+                2 * op.rows * op.bytes <= max_frag && host_pitch >= op.bytes && host_pitch <= u32_max &&
+                cache_pitch <= u32_max) {
+              const copy_op& nx = ops[at.op + 1];
+              const auto addr = [](const std::byte* x) { return static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(x)); };
+              const std::uint64_t ds = addr(nx.src) - addr(op.src), dd = addr(nx.dst) - addr(op.dst);
+              const std::uint64_t host_step = store ? dd : ds;
+              const std::size_t span1 = (op.rows - 1) * host_pitch + op.bytes;
+              std::size_t k = 1;
+              if (host_step > 0 && host_step <= u32_max && span1 <= room) {
+                const std::size_t most =
+                    std::min({max_frag / (op.rows * op.bytes), ops.size() - at.op, (room - span1) / host_step + 1});
+                const auto same = [&](const copy_op& a, const copy_op& b) {
+                  return b.bytes == a.bytes && b.rows == a.rows && b.src_pitch == a.src_pitch &&
+                         b.dst_pitch == a.dst_pitch && addr(b.src) - addr(a.src) == ds && addr(b.dst) - addr(a.dst) == dd;
+                };
+                while (k < most && same(ops[at.op + k - 1], ops[at.op + k])) ++k;
+              }
+              if (k >= 2) {
+                const std::size_t span = (k - 1) * host_step + span1;
+                const std::size_t moved = k * op.rows * op.bytes;
+                const bool tiled = cur == nullptr || cur->covered == cur->bytes;
+                const bool tiled_after = joins ? cur->covered + moved == std::max(cur->bytes, (h - h0) + span)
+                                               : moved == span;
+                if (tiled && !tiled_after)
+                  cp = checkpoint{at, nfr, ps.runs.size(), used, cur != nullptr ? *cur : run{}};
+                const auto slab_addr = reinterpret_cast<std::uint64_t>(sbase + off);
+                const auto cache_addr = reinterpret_cast<std::uint64_t>(cache);
+                auto& d = l.hdesc[*base + nfr];
+                d.src = store ? cache_addr : slab_addr;
+                d.dst = store ? slab_addr : cache_addr;
+                d.bytes = static_cast<std::uint32_t>(op.bytes);
+                d.rows = static_cast<std::uint32_t>(op.rows) | detail::fragment_planes_flag;
+                d.src_pitch = static_cast<std::uint32_t>(op.src_pitch);
+                d.dst_pitch = static_cast<std::uint32_t>(op.dst_pitch);
+                l.hdesc[*base + nfr + 1] = {ds, dd, 0, static_cast<std::uint32_t>(k), 0, 0};
+                nfr += 2;
+                if (joins) {
+                  cur->bytes = std::max(cur->bytes, (h - h0) + span);
+                  cur->covered += moved;
+                  cur->end_frag = nfr;
+                } else {
+                  ps.runs.push_back({host, off, span, moved, nfr - 2, nfr});
+                }
+                used = ps.runs.back().slab_off + ps.runs.back().bytes;
+                at = {at.op + k, 0, 0};
+                if (used >= slab_bytes) {
+                  full = true;
+                  break;
+                }
+                continue;
+              }
+            }
             // Several rows per piece while rows are short; long rows go one piece of a row at a time.
             std::size_t rows = 1, piece = 0;
             if (op.rows - at.row > 1 && at.col == 0 && op.bytes < max_frag && host_pitch >= op.bytes &&
@@ -767,14 +822,21 @@ class cuda_transfer_scheduler {
         }
         for (std::size_t i = rn.first_frag; i < rn.end_frag; ++i) {
           const detail::kernel_fragment& f = l.hdesc[base + i];
-          auto* slab_p = reinterpret_cast<std::byte*>(store ? f.dst : f.src);
-          std::byte* host_p = rn.host + (slab_p - (s.dev + rn.slab_off));
-          const std::size_t pitch = store ? f.dst_pitch : f.src_pitch;
-          void* dst = store ? static_cast<void*>(host_p) : static_cast<void*>(slab_p);
-          const void* src = store ? static_cast<const void*>(slab_p) : static_cast<const void*>(host_p);
-          const cudaError_t e = f.rows > 1 ? cudaMemcpy2DAsync(dst, pitch, src, pitch, f.bytes, f.rows, kind, l.copy)
+          if (f.bytes == 0) continue;  // extension record
+          const bool has_planes = (f.rows & detail::fragment_planes_flag) != 0;
+          const std::uint32_t rows = f.rows & ~detail::fragment_planes_flag;
+          const std::uint32_t planes = has_planes ? l.hdesc[base + i + 1].rows : 1;
+          const std::uint64_t slab_step = has_planes ? (store ? l.hdesc[base + i + 1].dst : l.hdesc[base + i + 1].src) : 0;
+          for (std::uint32_t p = 0; p < planes; ++p) {
+            auto* slab_p = reinterpret_cast<std::byte*>(store ? f.dst : f.src) + p * slab_step;
+            std::byte* host_p = rn.host + (slab_p - (s.dev + rn.slab_off));
+            const std::size_t pitch = store ? f.dst_pitch : f.src_pitch;
+            void* dst = store ? static_cast<void*>(host_p) : static_cast<void*>(slab_p);
+            const void* src = store ? static_cast<const void*>(slab_p) : static_cast<const void*>(host_p);
+            const cudaError_t e = rows > 1 ? cudaMemcpy2DAsync(dst, pitch, src, pitch, f.bytes, rows, kind, l.copy)
                                            : cudaMemcpyAsync(dst, src, f.bytes, kind, l.copy);
-          if (auto r = check(e, "cudaMemcpyAsync(slab piece)"); !r) return r;
+            if (auto r = check(e, "cudaMemcpyAsync(slab piece)"); !r) return r;
+          }
         }
         return {};
       };
