@@ -73,6 +73,9 @@ TEST_CASE("invalid configurations are rejected by create") {
   c = small_config();
   c.ns.tp_size = 0;
   expect(c, "tp_rank");
+  c = small_config();
+  c.geometry = {.num_layers = 1u << 30, .kv_planes = 2, .kv_heads = 1u << 30, .head_dim = 1u << 30, .element_bytes = 8};
+  expect(c, "too large to address");
 }
 
 TEST_CASE("empty token lists are rejected everywhere") {

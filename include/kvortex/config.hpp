@@ -78,6 +78,17 @@ struct engine_config {
       return fail(errc::invalid_config, "chunk_tokens (" + std::to_string(chunk_tokens) +
                                             ") must be a positive multiple of block_tokens (" +
                                             std::to_string(block_tokens) + ")");
+    {  // chunk_bytes() must not wrap: every product of the sizes stays below 2^62
+      constexpr std::uint64_t limit = std::uint64_t{1} << 62;
+      std::uint64_t product = 1;
+      for (const std::uint64_t f : {std::uint64_t{g.num_layers}, std::uint64_t{g.kv_planes}, std::uint64_t{g.kv_heads},
+                                    std::uint64_t{g.head_dim}, std::uint64_t{g.element_bytes}, std::uint64_t{chunk_tokens}}) {
+        if (product > limit / f)
+          return fail(errc::invalid_config, "a chunk of " + std::to_string(chunk_tokens) +
+                                                " tokens of this geometry is too large to address");
+        product *= f;
+      }
+    }
     if (ns.tp_size == 0 || ns.tp_rank >= ns.tp_size)
       return fail(errc::invalid_config, "tp_rank (" + std::to_string(ns.tp_rank) +
                                             ") must be below tp_size (" + std::to_string(ns.tp_size) + ")");

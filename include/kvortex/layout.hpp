@@ -6,6 +6,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <string>
 #include <vector>
@@ -37,6 +38,7 @@ class kv_layout {
   /// simple C++ servers; block tables may be left empty (identity).
   [[nodiscard]] static result<kv_layout> contiguous(std::span<std::byte* const> layer_ptrs,
                                                     const kv_geometry& g, std::size_t max_tokens) {
+    if (auto v = check_sizes(g, 1, max_tokens, 0, "contiguous"); !v) return std::unexpected(v.error());
     const std::size_t row = g.row_bytes();
     strides s{};
     s.plane = static_cast<std::int64_t>(max_tokens * row);
@@ -52,6 +54,7 @@ class kv_layout {
   [[nodiscard]] static result<kv_layout> flash_attn(std::span<std::byte* const> layer_ptrs,
                                                     const kv_geometry& g, std::size_t num_blocks,
                                                     std::size_t block_tokens, kv_order order = kv_order::nhd) {
+    if (auto v = check_sizes(g, num_blocks, block_tokens, 0, "flash_attn"); !v) return std::unexpected(v.error());
     if (g.kv_planes != 2)
       return fail(errc::invalid_layout, "flash_attn layout needs kv_planes == 2, got " +
                                             std::to_string(g.kv_planes));
@@ -71,6 +74,7 @@ class kv_layout {
   [[nodiscard]] static result<kv_layout> flashinfer(std::span<std::byte* const> layer_ptrs, const kv_geometry& g,
                                                     std::size_t num_blocks, std::size_t block_tokens,
                                                     kv_order order = kv_order::nhd) {
+    if (auto v = check_sizes(g, num_blocks, block_tokens, 0, "flashinfer"); !v) return std::unexpected(v.error());
     if (g.kv_planes != 2)
       return fail(errc::invalid_layout, "flashinfer layout needs kv_planes == 2, got " + std::to_string(g.kv_planes));
     const std::size_t hb = std::size_t{g.head_dim} * g.element_bytes;
@@ -88,6 +92,7 @@ class kv_layout {
   /// (geometry: kv_planes 1, kv_heads 1, head_dim e.g. 576; 656 one-byte elements with fp8_ds_mla).
   [[nodiscard]] static result<kv_layout> mla(std::span<std::byte* const> layer_ptrs, const kv_geometry& g,
                                              std::size_t num_blocks, std::size_t block_tokens) {
+    if (auto v = check_sizes(g, num_blocks, block_tokens, 0, "mla"); !v) return std::unexpected(v.error());
     if (g.kv_planes != 1 || g.kv_heads != 1)
       return fail(errc::invalid_layout, "mla layout needs kv_planes == 1 and kv_heads == 1, got " +
                                             std::to_string(g.kv_planes) + " and " + std::to_string(g.kv_heads));
@@ -104,6 +109,7 @@ class kv_layout {
   [[nodiscard]] static result<kv_layout> cross_layer(std::byte* base, const kv_geometry& g, std::size_t num_blocks,
                                                      std::size_t block_tokens, bool blocks_outermost = false) {
     if (base == nullptr) return fail(errc::invalid_layout, "cross_layer layout: base pointer is null");
+    if (auto v = check_sizes(g, num_blocks, block_tokens, 0, "cross_layer"); !v) return std::unexpected(v.error());
     const std::size_t row = g.row_bytes();
     const std::size_t plane_block = block_tokens * row;  // one plane of one block of one layer
     const std::size_t layer_block = g.kv_planes * plane_block;
@@ -129,6 +135,7 @@ class kv_layout {
   [[nodiscard]] static result<kv_layout> pages(std::span<std::byte* const> layer_ptrs, const kv_geometry& g,
                                                std::size_t num_blocks, std::size_t block_tokens,
                                                std::size_t page_stride) {
+    if (auto v = check_sizes(g, num_blocks, block_tokens, page_stride, "pages"); !v) return std::unexpected(v.error());
     const std::size_t row = g.row_bytes();
     const std::size_t page = g.kv_planes * block_tokens * row;
     if (page_stride < page)
@@ -280,6 +287,26 @@ class kv_layout {
     out.push_back(op);
   }
 
+  // Every size product (geometry, blocks, tokens, and a page stride times the blocks) stays below
+  // 2^62, so no stride or extent computed from them can wrap around.
+  static result<void> check_sizes(const kv_geometry& g, std::size_t num_blocks, std::size_t block_tokens,
+                                  std::size_t page_stride, const char* kind) {
+    constexpr std::uint64_t limit = std::uint64_t{1} << 62;
+    std::uint64_t product = 1;
+    for (const std::uint64_t f : {std::uint64_t{g.kv_heads}, std::uint64_t{g.head_dim}, std::uint64_t{g.element_bytes},
+                                  std::uint64_t{g.kv_planes}, std::uint64_t{g.num_layers}, std::uint64_t{num_blocks},
+                                  std::uint64_t{block_tokens}}) {
+      if (f != 0 && product > limit / f)
+        return fail(errc::invalid_layout, std::string(kind) + " layout: sizes too large (" + std::to_string(num_blocks) +
+                                              " blocks of " + std::to_string(block_tokens) + " tokens)");
+      product *= f;
+    }
+    if (page_stride != 0 && num_blocks != 0 && page_stride > limit / num_blocks)
+      return fail(errc::invalid_layout, std::string(kind) + " layout: page_stride " + std::to_string(page_stride) +
+                                            " times " + std::to_string(num_blocks) + " blocks is too large");
+    return {};
+  }
+
   static result<kv_layout> make(std::span<std::byte* const> layer_ptrs, const kv_geometry& g,
                                 std::size_t num_blocks, std::size_t block_tokens, strides s,
                                 std::size_t layer_bytes, std::string kind) {
@@ -293,6 +320,7 @@ class kv_layout {
     if (g.kv_heads == 0 || g.head_dim == 0 || g.element_bytes == 0 || (g.kv_planes != 1 && g.kv_planes != 2))
       return bad("geometry has a zero dimension or kv_planes not in {1, 2}");
     if (num_blocks == 0 || block_tokens == 0) return bad("num_blocks and block_tokens must be > 0");
+    if (auto v = check_sizes(g, num_blocks, block_tokens, 0, kind.c_str()); !v) return std::unexpected(v.error());
     if (s.plane < 0 || s.block < 0 || s.token < 0 || s.head < 0) return bad("negative stride");
 
     // Elements must not overlap: sorted by stride, each dimension must step past the span of those
@@ -314,6 +342,8 @@ class kv_layout {
       if (d.stride < span)
         return bad(std::string(d.name) + " stride " + std::to_string(d.stride) +
                    " makes elements overlap (needs >= " + std::to_string(span) + ")");
+      if (d.stride > (std::numeric_limits<std::int64_t>::max() - span) / (d.count - 1))
+        return bad(std::string(d.name) + " stride " + std::to_string(d.stride) + " overflows the tensor's extent");
       span = d.stride * (d.count - 1) + span;
     }
     if (static_cast<std::uint64_t>(span) > layer_bytes)
