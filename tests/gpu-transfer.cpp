@@ -209,13 +209,11 @@ TEST_CASE("gpu: DMA-only mode and the kernels give the same bytes") {
       MESSAGE("kernels unavailable: " << s->kernel_status());
       continue;
     }
-    auto e = gpu_engine::create(c, pinned_host_allocator::create(c).value(), sha256_hasher::create().value(),
-                                lru_eviction{}, cpu_backend{}, std::move(*s));
-    REQUIRE(e.has_value());
+    auto e = make_engine(c, std::move(*s));
     device_cache src(lc, 24, 16), dst(lc, 24, 16);
     src.randomize(1);
     dst.randomize(2);
-    round_trip(*e, src, random_table(7, 24, 3), dst, random_table(7, 24, 4), tokens(100, 1), 100);
+    round_trip(e, src, random_table(7, 24, 3), dst, random_table(7, 24, 4), tokens(100, 1), 100);
   }
 }
 
@@ -230,13 +228,11 @@ TEST_CASE("gpu: small staging slabs and descriptor ring force many windows") {
                                   .descriptor_capacity = 1024};
   auto s = cuda_transfer_scheduler::create(o);
   REQUIRE(s.has_value());
-  auto e = gpu_engine::create(c, pinned_host_allocator::create(c).value(), sha256_hasher::create().value(),
-                              lru_eviction{}, cpu_backend{}, std::move(*s));
-  REQUIRE(e.has_value());
+  auto e = make_engine(c, std::move(*s));
   device_cache src(lc, 80, 16), dst(lc, 80, 16);
   src.randomize(1);
   dst.randomize(2);
-  round_trip(*e, src, random_table(63, 80, 3), dst, random_table(63, 80, 4), tokens(1000, 2), 1000);
+  round_trip(e, src, random_table(63, 80, 3), dst, random_table(63, 80, 4), tokens(1000, 2), 1000);
 }
 
 TEST_CASE("gpu: 2D ops with random rows and pitches, staged and DMA-only, both directions") {
@@ -456,15 +452,13 @@ TEST_CASE("gpu: engine stores while its pinned pool is still growing") {
   pinned_host_allocator::options o;
   o.capacity_bytes = c.capacity_bytes;
   o.piece_bytes = std::size_t{32} << 20;
-  auto e = gpu_engine::create(c, pinned_host_allocator::create(o).value(), sha256_hasher::create().value(),
-                              lru_eviction{}, cpu_backend{}, cuda_transfer_scheduler::create(c).value());
-  REQUIRE(e.has_value());
-  MESSAGE("pool ready at the first store: " << e->get_allocator().ready_bytes() << " of " << e->get_allocator().capacity());
+  auto e = make_engine(c, cuda_transfer_scheduler::create(c).value(), pinned_host_allocator::create(o).value());
+  MESSAGE("pool ready at the first store: " << e.get_allocator().ready_bytes() << " of " << e.get_allocator().capacity());
   device_cache src(lc, 512, 16), dst(lc, 512, 16);
   src.randomize(1);
   dst.randomize(2);
   const auto toks = tokens(4096, 8);  // 16 chunks: 128 MiB over 4 pieces
-  round_trip(*e, src, random_table(256, 512, 1), dst, random_table(256, 512, 2), toks, 4096);
+  round_trip(e, src, random_table(256, 512, 1), dst, random_table(256, 512, 2), toks, 4096);
 }
 
 TEST_CASE("gpu: without a device the GPU policies report unsupported") {

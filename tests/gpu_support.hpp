@@ -182,6 +182,18 @@ inline gpu_engine make_engine(const kvortex::engine_config& c) {
   return std::move(*e);
 }
 
+// The default GPU stack with a scheduler (and optionally a pool) of the test's choosing.
+inline gpu_engine make_engine(const kvortex::engine_config& c, kvortex::cuda_transfer_scheduler s,
+                              kvortex::pinned_host_allocator pool) {
+  auto e = gpu_engine::create(c, std::move(pool), kvortex::sha256_hasher::create().value(), kvortex::lru_eviction{},
+                              kvortex::cpu_backend{}, std::move(s));
+  REQUIRE_MESSAGE(e.has_value(), (e ? "" : e.error().what()));
+  return std::move(*e);
+}
+inline gpu_engine make_engine(const kvortex::engine_config& c, kvortex::cuda_transfer_scheduler s) {
+  return make_engine(c, std::move(s), kvortex::pinned_host_allocator::create(c).value());
+}
+
 // Byte positions where two mirrors differ, counted.
 inline std::size_t differences(const std::vector<std::vector<std::byte>>& a, const std::vector<std::vector<std::byte>>& b) {
   std::size_t bad = 0;

@@ -99,36 +99,29 @@ TEST_CASE("copy_host copies a 2D op whole or in any split of its bytes") {
   CHECK(f.correct());
 }
 
+// One batch through `s`: it completes once, successfully, and copies exactly what it should.
+template <class S, class Fixture>
+void check_one_batch(S& s, const Fixture& f) {
+  std::atomic<int> calls{0};
+  s.submit(f.ops, [&](result<void> r) {
+    CHECK(r.has_value());
+    calls.fetch_add(1);
+  });
+  s.drain();
+  CHECK(calls.load() == 1);
+  CHECK(f.correct());
+}
+
 TEST_CASE_TEMPLATE("schedulers copy 2D ops exactly and leave gaps alone", S, inline_transfer_scheduler,
                    host_transfer_scheduler, split_pool, kvt::gated_scheduler) {
   S s;
-  for (unsigned seed = 0; seed < 6; ++seed) {
-    batch_2d_fixture f(50 + seed);
-    std::atomic<int> calls{0};
-    s.submit(f.ops, [&](result<void> r) {
-      CHECK(r.has_value());
-      calls.fetch_add(1);
-    });
-    s.drain();
-    CHECK(calls.load() == 1);
-    CHECK(f.correct());
-  }
+  for (unsigned seed = 0; seed < 6; ++seed) check_one_batch(s, batch_2d_fixture(50 + seed));
 }
 
 TEST_CASE_TEMPLATE("schedulers copy every byte and complete once", S, inline_transfer_scheduler,
                    host_transfer_scheduler, split_pool) {
   S s;
-  for (unsigned seed = 0; seed < 5; ++seed) {
-    batch_fixture f(seed);
-    std::atomic<int> calls{0};
-    s.submit(f.ops, [&](result<void> r) {
-      CHECK(r.has_value());
-      calls.fetch_add(1);
-    });
-    s.drain();
-    CHECK(calls.load() == 1);
-    CHECK(f.correct());
-  }
+  for (unsigned seed = 0; seed < 5; ++seed) check_one_batch(s, batch_fixture(seed));
 }
 
 TEST_CASE_TEMPLATE("schedulers accept batches from several threads at once", S, inline_transfer_scheduler,
