@@ -436,7 +436,10 @@ TEST_CASE("stats count traffic and render as Prometheus text") {
   CHECK(text.find("kvortex_lookup_seconds_bucket{le=\"+Inf\"} 2\n") != std::string::npos);
   CHECK(text.find("kvortex_lookup_seconds_count 2\n") != std::string::npos);
   CHECK(text.find("kvortex_bytes " + std::to_string(3 * cb) + "\n") != std::string::npos);
-  CHECK(to_prometheus(s, "srv").find("srv_chunks 3\n") != std::string::npos);
+  CHECK(to_prometheus(s, "srv").value().find("srv_chunks 3\n") != std::string::npos);
+  CHECK(to_prometheus(s, "1bad").error().code == errc::invalid_argument);
+  CHECK(to_prometheus(s, "").error().code == errc::invalid_argument);
+  CHECK(to_prometheus(s, "a b").error().code == errc::invalid_argument);
 }
 
 TEST_CASE("shutdown frees everything and refuses later calls") {

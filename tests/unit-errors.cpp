@@ -177,10 +177,14 @@ TEST_CASE("the key API rejects null pointers and size mismatches, and changes no
   check_error(e.save_blocks(fresh, src, huge).error(), errc::size_mismatch, "exceeds the capacity");
   check_error(e.save_blocks({}, {}, {}).error(), errc::invalid_argument, "empty key list");
 
-  std::vector<std::byte> out(64);
-  std::vector<std::byte*> dst{out.data(), out.data()};
+  std::vector<std::byte> out(128);
+  std::vector<std::byte*> dst{out.data(), out.data() + 64};
   std::vector<std::size_t> wrong{64, 63};
   check_error(e.load_blocks(keys, dst, wrong).error(), errc::size_mismatch, "holds 64 bytes, destination has 63");
+  std::vector<std::byte*> same{out.data(), out.data()};
+  check_error(e.load_blocks(keys, same, sizes).error(), errc::invalid_argument, "destination 1 overlaps destination 0");
+  std::vector<std::byte*> straddle{out.data() + 63, out.data()};
+  check_error(e.load_blocks(keys, straddle, sizes).error(), errc::invalid_argument, "destination 0 overlaps destination 1");
   std::vector<std::byte*> dst_null{out.data(), nullptr};
   check_error(e.load_blocks(keys, dst_null, sizes).error(), errc::invalid_argument, "pointer 1 is null");
 

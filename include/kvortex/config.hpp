@@ -49,12 +49,17 @@ struct engine_config {
   std::size_t chunk_tokens{256};       ///< tokens per stored chunk; a multiple of block_tokens
   std::size_t block_tokens{16};        ///< the inference engine's page size in tokens
   bool store_partial_chunks{false};    ///< also keep a prompt's trailing partial chunk
-  unsigned transfer_threads{0};        ///< host copy threads; 0 picks from the hardware
+  /// Host copy threads, the caller's included; 0 picks from the hardware (at most 8). At most
+  /// `max_transfer_threads`: validate() rejects more.
+  unsigned transfer_threads{0};
   std::size_t parallel_copy_bytes{std::size_t{8} << 20};  ///< batches this large use the copy threads
   /// A transfer reaches the scheduler in batches of about this many bytes, so its first copies run
   /// while the rest is planned; 0 hands it over in one batch.
   std::size_t transfer_batch_bytes{std::size_t{32} << 20};
   int numa_node{-1};                   ///< node for host memory; -1 leaves it to the allocator
+
+  /// @brief The most `transfer_threads` a configuration may ask for.
+  static constexpr unsigned max_transfer_threads = 256;
 
   /// @brief Bytes of one full chunk.
   [[nodiscard]] constexpr std::size_t chunk_bytes() const noexcept {
@@ -92,6 +97,9 @@ struct engine_config {
     if (ns.tp_size == 0 || ns.tp_rank >= ns.tp_size)
       return fail(errc::invalid_config, "tp_rank (" + std::to_string(ns.tp_rank) +
                                             ") must be below tp_size (" + std::to_string(ns.tp_size) + ")");
+    if (transfer_threads > max_transfer_threads)
+      return fail(errc::invalid_config, "transfer_threads (" + std::to_string(transfer_threads) +
+                                            ") must be at most " + std::to_string(max_transfer_threads));
     if (capacity_bytes < chunk_bytes())
       return fail(errc::invalid_config, "capacity_bytes (" + std::to_string(capacity_bytes) +
                                             ") is smaller than one chunk (" +

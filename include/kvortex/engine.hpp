@@ -117,6 +117,34 @@ inline std::vector<std::byte> namespace_seed(const engine_config& c) {
   return out;
 }
 
+/// Shared by an engine and every operation it started, so an operation that outlives the engine
+/// learns that it is gone instead of touching freed state. `active` counts the submissions and
+/// completions touching the engine's state right now; shutdown waits for it to reach zero, then
+/// marks the state gone under the same lock, so none can start after that.
+struct engine_link {
+  std::mutex m;
+  std::condition_variable cv;
+  std::size_t active{0};
+  bool stopped{false};  // shutdown began: no new submissions
+  bool gone{false};     // the state was torn down: nothing may touch it
+
+  /// Enters unless the state is gone (or, for a new submission, unless shutdown began).
+  [[nodiscard]] bool enter(bool submission) {
+    std::lock_guard lk(m);
+    if (gone || (submission && stopped)) return false;
+    ++active;
+    return true;
+  }
+  void leave() {
+    std::lock_guard lk(m);
+    if (--active == 0) cv.notify_all();
+  }
+  [[nodiscard]] bool is_stopped() {
+    std::lock_guard lk(m);
+    return stopped;
+  }
+};
+
 using clock = std::chrono::steady_clock;
 inline std::uint64_t elapsed_ns(clock::time_point t0) {
   return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(clock::now() - t0).count());
@@ -195,7 +223,13 @@ class basic_engine {
                                                    EvictionPolicy e, Backend b, TransferScheduler s) {
     if (auto v = cfg.validate(); !v) return std::unexpected(v.error());
     basic_engine out;
-    out.s_ = std::make_unique<state>(cfg, std::move(a), std::move(h), std::move(e), std::move(b), std::move(s));
+    try {
+      out.s_ = std::make_unique<state>(cfg, std::move(a), std::move(h), std::move(e), std::move(b), std::move(s));
+      out.link_ = std::make_shared<detail::engine_link>();
+    } catch (const std::bad_alloc&) {
+      out.s_.reset();
+      return fail(errc::out_of_memory, "create: cannot allocate the engine's state");
+    }
     return out;
   }
 
@@ -204,6 +238,7 @@ class basic_engine {
     if (this != &o) {
       shutdown();
       s_ = std::move(o.s_);
+      link_ = std::move(o.link_);
     }
     return *this;
   }
@@ -218,16 +253,9 @@ class basic_engine {
   /// @brief The chain of keys of `tokens`: one per full chunk, plus the trailing partial chunk when
   /// `store_partial_chunks` is set.
   [[nodiscard]] result<std::vector<chunk_key>> chunk_keys(std::span<const token_id> tokens) const {
-    if (!s_) return stopped_error("chunk_keys");
+    if (!s_ || s_->stopped.load(std::memory_order_acquire)) return stopped_error("chunk_keys");
     if (tokens.empty()) return fail(errc::invalid_argument, "chunk_keys: empty token list");
-    std::vector<chunk_key> keys;
-    keys.reserve(chunk_count(tokens.size()));
-    chunk_key k = s_->root;
-    for (std::size_t i = 0, n = chunk_count(tokens.size()); i < n; ++i) {
-      k = s_->hasher.chain(k, chunk_tokens_of(tokens, i));
-      keys.push_back(k);
-    }
-    return keys;
+    return keys_of(tokens);
   }
 
   /// @brief How many leading tokens of `tokens` are stored: walks the chunk chain and stops at the
@@ -311,19 +339,18 @@ class basic_engine {
     const std::size_t covered = std::min(tokens.size(), n * s_->cfg.chunk_tokens);
     if (covered > 0)
       if (auto v = src.check_table(block_table, covered); !v) return std::unexpected(v.error());
-    auto keys = chunk_keys(tokens);
-    if (!keys) return std::unexpected(keys.error());
-    keys->resize(n);
+    auto keys = keys_of(tokens);
+    keys.resize(n);
     std::vector<std::size_t> sizes(n);
     for (std::size_t i = 0; i < n; ++i) sizes[i] = chunk_bytes(chunk_tokens_of(tokens, i).size());
-    auto res = reserve_all(*keys, sizes, "store");
-    if (!res) return std::unexpected(res.error());
-    auto op = std::make_shared<operation>(true, t0, &s_->store_latency);
-    for (const auto& r : *res) op->chunks.push_back({r, r.index * s_->cfg.chunk_tokens, chunk_tokens_of(tokens, r.index).size()});
-    for (const auto& c : op->chunks) op->value += c.tokens;
+    auto op = new_operation(true, t0, &s_->store_latency);
     op->layout = src;
     op->table.assign(block_table.begin(), block_table.end());
-    return layered_transfer(s_.get(), std::move(op));
+    auto res = reserve_all(keys, sizes, "store", /*prefix=*/true);
+    if (!res) return std::unexpected(res.error());
+    for (const auto& r : *res) op->chunks.push_back({r, r.index * s_->cfg.chunk_tokens, chunk_tokens_of(tokens, r.index).size()});
+    for (const auto& c : op->chunks) op->value += c.tokens;
+    return layered_transfer(std::move(op));
   }
 
   /// @brief Starts a retrieve driven layer by layer: pins the stored leading chunks now (`tokens()`
@@ -335,45 +362,47 @@ class basic_engine {
     const auto t0 = detail::clock::now();
     if (tokens.empty()) return fail(errc::invalid_argument, "retrieve: empty token list");
     if (auto v = check_layout(dst, "retrieve"); !v) return std::unexpected(v.error());
-    if (auto v = dst.check_table(block_table, tokens.size()); !v) return std::unexpected(v.error());
-    auto keys = chunk_keys(tokens);
-    if (!keys) return std::unexpected(keys.error());
-    keys->resize(usable_chunks(tokens.size(), dst));
+    // Two copies writing the same bytes would race (and the last one would win at random).
+    if (auto v = dst.check_destination(); !v) return fail(v.error().code, "retrieve: " + v.error().message);
+    if (auto v = dst.check_table(block_table, tokens.size(), /*distinct=*/true); !v)
+      return fail(v.error().code, "retrieve: " + v.error().message);
+    auto keys = keys_of(tokens);
+    keys.resize(usable_chunks(tokens.size(), dst));
     auto& st = *s_;
-    auto op = std::make_shared<operation>(false, t0, &st.retrieve_latency);
+    auto op = new_operation(false, t0, &st.retrieve_latency);
+    op->layout = dst;
+    op->table.assign(block_table.begin(), block_table.end());
     {
       std::unique_lock lk(st.mu);
       if (st.stopped.load(std::memory_order_relaxed)) return stopped_error("retrieve");
-      for (std::size_t i = 0; i < keys->size(); ++i) {
+      for (std::size_t i = 0; i < keys.size(); ++i) {
         const std::size_t ntok = chunk_tokens_of(tokens, i).size();
-        const auto it = st.index.find((*keys)[i]);
+        const auto it = st.index.find(keys[i]);
         if (it == st.index.end() || !it->second.ready || it->second.bytes != chunk_bytes(ntok)) break;
         ++it->second.pins;
         st.eviction.on_access(it->first);
         op->chunks.push_back({{i, it->first, it->second.handle, it->second.bytes}, i * st.cfg.chunk_tokens, ntok});
         op->value += ntok;
       }
-      if (!op->chunks.empty()) ++st.in_flight;
     }
     st.hit_chunks.fetch_add(op->chunks.size(), std::memory_order_relaxed);
-    st.miss_chunks.fetch_add(keys->size() - op->chunks.size(), std::memory_order_relaxed);
-    op->layout = dst;
-    op->table.assign(block_table.begin(), block_table.end());
-    return layered_transfer(s_.get(), std::move(op));
+    st.miss_chunks.fetch_add(keys.size() - op->chunks.size(), std::memory_order_relaxed);
+    return layered_transfer(std::move(op));
   }
 
   /// @brief Stores `sizes[i]` bytes at `ptrs[i]` under `keys[i]`; synchronous. Keys already
-  /// present are skipped. Returns how many keys were newly stored (fewer than asked only when
-  /// capacity ran out).
+  /// present with the same size, or being written, are skipped; a key held with another size is
+  /// replaced unless a transfer is using it right then (then it is skipped). Returns how many keys
+  /// were newly stored (fewer than asked when capacity ran out or a key was skipped).
   [[nodiscard]] result<std::size_t> save_blocks(std::span<const chunk_key> keys,
                                                 std::span<const std::byte* const> ptrs,
                                                 std::span<const std::size_t> sizes) {
     if (!s_) return stopped_error("save_blocks");
     const auto t0 = detail::clock::now();
     if (auto v = check_key_args("save_blocks", keys.size(), ptrs, sizes); !v) return std::unexpected(v.error());
-    auto res = reserve_all(keys, sizes, "save_blocks");
+    auto op = new_operation(true, t0, &s_->store_latency);
+    auto res = reserve_all(keys, sizes, "save_blocks", /*prefix=*/false);
     if (!res) return std::unexpected(res.error());
-    auto op = std::make_shared<operation>(true, t0, &s_->store_latency);
     std::vector<copy_op> ops;
     for (const auto& r : *res) {
       ops.push_back({ptrs[r.index], s_->backend.data(r.handle).data(), sizes[r.index]});
@@ -384,14 +413,16 @@ class basic_engine {
   }
 
   /// @brief Copies the blocks stored under `keys` to `ptrs`; synchronous. Fails with `not_found`
-  /// or `size_mismatch` before copying anything if any key is missing or has another size.
+  /// or `size_mismatch` before copying anything if any key is missing or has another size, and
+  /// with `invalid_argument` if two destination ranges overlap. A rejected call changes no counter.
   [[nodiscard]] result<void> load_blocks(std::span<const chunk_key> keys, std::span<std::byte* const> ptrs,
                                          std::span<const std::size_t> sizes) {
     if (!s_) return stopped_error("load_blocks");
     const auto t0 = detail::clock::now();
     if (auto v = check_key_args("load_blocks", keys.size(), ptrs, sizes); !v) return std::unexpected(v.error());
+    if (auto v = check_disjoint("load_blocks", ptrs, sizes); !v) return std::unexpected(v.error());
     auto& st = *s_;
-    auto op = std::make_shared<operation>(false, t0, nullptr);
+    auto op = new_operation(false, t0, nullptr);
     {
       std::unique_lock lk(st.mu);
       if (st.stopped.load(std::memory_order_relaxed)) return stopped_error("load_blocks");
@@ -406,14 +437,12 @@ class basic_engine {
                                                std::to_string(sizes[i])};
         if (err) {
           for (const auto& c : op->chunks) --st.index.find(c.r.key)->second.pins;
-          st.miss_chunks.fetch_add(1, std::memory_order_relaxed);
           return std::unexpected(std::move(*err));
         }
         ++it->second.pins;
         op->chunks.push_back({{i, it->first, it->second.handle, it->second.bytes}, 0, 0});
       }
       for (const auto& c : op->chunks) st.eviction.on_access(c.r.key);
-      ++st.in_flight;
     }
     st.hit_chunks.fetch_add(op->chunks.size(), std::memory_order_relaxed);
     std::vector<copy_op> ops;
@@ -424,7 +453,8 @@ class basic_engine {
     return {};
   }
 
-  /// @brief Which of `keys` are stored and readable.
+  /// @brief Which of `keys` are stored and readable. A diagnostic: changes no counter and no
+  /// eviction order.
   [[nodiscard]] result<block_mask> check_blocks(std::span<const chunk_key> keys) const {
     if (!s_) return stopped_error("check_blocks");
     if (keys.empty()) return fail(errc::invalid_argument, "check_blocks: empty key list");
@@ -438,12 +468,12 @@ class basic_engine {
         if (it != st.index.end() && it->second.ready) m.set(i);
       }
     }
-    st.hit_chunks.fetch_add(m.count(), std::memory_order_relaxed);
-    st.miss_chunks.fetch_add(keys.size() - m.count(), std::memory_order_relaxed);
     return m;
   }
 
-  /// @brief A consistent snapshot of the counters.
+  /// @brief A snapshot of the counters. Each counter and gauge is read once; `current_bytes`,
+  /// `peak_bytes` and `chunks` come from one instant, and each histogram's `count` is the sum of
+  /// its buckets. Counters of different calls may be from instants a few operations apart.
   [[nodiscard]] engine_stats stats() const {
     engine_stats out;
     if (!s_) return out;
@@ -457,6 +487,7 @@ class basic_engine {
     out.stored_chunks = ld(st.stored_chunks);
     out.deduplicated_chunks = ld(st.deduplicated_chunks);
     out.rejected_chunks = ld(st.rejected_chunks);
+    out.replaced_chunks = ld(st.replaced_chunks);
     out.retrieved_chunks = ld(st.retrieved_chunks);
     out.evictions = ld(st.evictions);
     out.bytes_stored = ld(st.bytes_stored);
@@ -475,26 +506,35 @@ class basic_engine {
     return out;
   }
 
-  /// @brief Waits for in-flight transfers, frees every chunk, and makes later calls fail with
-  /// `errc::shut_down`. Idempotent. A `layered_transfer` not yet finished or dropped counts as in
-  /// flight: finish or drop it first, or this waits for it.
+  /// @brief Makes later calls fail with `errc::shut_down`, waits for the copies already handed to
+  /// the scheduler (and the completion of their transfers: their tickets are ready when this
+  /// returns), then frees every chunk. Idempotent; also run by the destructor.
+  ///
+  /// Open layered transfers (begun, not finished) do not hold it up: they are cut off, so their
+  /// later `submit_layer` and `finish` fail with `errc::shut_down`, and destroying them, or
+  /// waiting on their tickets, stays safe after the engine is gone. Do not call it from inside a
+  /// scheduler's completion callback.
   void shutdown() noexcept {
     if (!s_) return;
     auto& st = *s_;
+    auto& ln = *link_;
     {
       std::unique_lock lk(st.mu);
       if (st.stopped.exchange(true)) return;
     }
     {
-      std::unique_lock lk(st.flight_m);
-      st.flight_cv.wait(lk, [&] { return st.in_flight.load(std::memory_order_acquire) == 0; });
+      std::unique_lock lk(ln.m);
+      ln.stopped = true;
+      ln.cv.wait(lk, [&] { return ln.active == 0; });
+      // Still under ln.m: nothing can enter between the wait and the teardown.
+      ln.gone = true;
+      std::unique_lock ilk(st.mu);
+      // The eviction policy is left as it is: nothing asks it again, and untracking could allocate.
+      for (auto& [k, e] : st.index) st.backend.release(st.alloc, k, e.handle);
+      st.index.clear();
+      st.used = 0;
     }
     st.scheduler.drain();
-    std::unique_lock lk(st.mu);
-    // The eviction policy is left as it is: nothing asks it again, and untracking could allocate.
-    for (auto& [k, e] : st.index) st.backend.release(st.alloc, k, e.handle);
-    st.index.clear();
-    st.used = 0;
   }
 
   /// @brief The allocator, e.g. to query a pool; do not free chunk memory through it. Not on a
@@ -525,9 +565,12 @@ class basic_engine {
       std::size_t first;   // first token of the chunk in the prompt
       std::size_t tokens;  // tokens in the chunk (0 for the key API)
     };
-    operation(bool s, detail::clock::time_point t, detail::atomic_histogram* h)
-        : storing(s), t0(t), latency(h) {}
+    operation(state* s, std::shared_ptr<detail::engine_link> l, bool storing_, detail::clock::time_point t,
+              detail::atomic_histogram* h)
+        : st(s), link(std::move(l)), storing(storing_), t0(t), latency(h) {}
 
+    state* const st;  // touched only between link->enter() and link->leave()
+    const std::shared_ptr<detail::engine_link> link;
     const bool storing;
     const detail::clock::time_point t0;
     detail::atomic_histogram* const latency;
@@ -548,13 +591,14 @@ class basic_engine {
  public:
   /// @brief A store or retrieve driven one layer at a time (see `begin_store`, `begin_retrieve`).
   /// Move-only; destroying it before `finish` rolls a store back and unpins a retrieve's chunks.
+  /// It may outlive its engine: once the engine is shut down, `submit_layer`, `submit_all` and
+  /// `finish` fail with `errc::shut_down`, and destroying it is safe.
   class layered_transfer {
    public:
-    layered_transfer(layered_transfer&& o) noexcept : st_(o.st_), op_(std::move(o.op_)) {}
+    layered_transfer(layered_transfer&& o) noexcept : op_(std::move(o.op_)) {}
     layered_transfer& operator=(layered_transfer&& o) noexcept {
       if (this != &o) {
         abandon();
-        st_ = o.st_;
         op_ = std::move(o.op_);
       }
       return *this;
@@ -569,6 +613,7 @@ class basic_engine {
     /// to wait for a retrieve's copy.
     [[nodiscard]] result<void> submit_layer(std::size_t layer, const transfer_hints& hints = {}) {
       if (!op_) return fail(errc::invalid_argument, "submit_layer: the transfer was finished or moved from");
+      if (op_->link->is_stopped()) return stopped_error("submit_layer");
       const std::size_t layers = op_->layout.num_layers();
       if (layer >= layers)
         return fail(errc::invalid_argument, "submit_layer: layer " + std::to_string(layer) + " of a " +
@@ -586,6 +631,7 @@ class basic_engine {
     /// @brief Every layer in one batch.
     [[nodiscard]] result<void> submit_all(const transfer_hints& hints = {}) {
       if (!op_) return fail(errc::invalid_argument, "submit_all: the transfer was finished or moved from");
+      if (op_->link->is_stopped()) return stopped_error("submit_all");
       {
         std::lock_guard lk(op_->m);
         if (!op_->layer_sent.empty()) return fail(errc::invalid_argument, "submit_all: layers were already submitted");
@@ -594,40 +640,51 @@ class basic_engine {
       return submit_layers(0, op_->layout.num_layers(), hints);
     }
 
-    /// @brief Ends the transfer; the ticket completes when every submitted copy has. A store with
-    /// layers never submitted is rolled back and fails with `invalid_argument`.
+    /// @brief Ends the transfer; the ticket completes when every submitted copy has. A transfer
+    /// that holds chunks but had a layer never submitted fails with `invalid_argument`: a store is
+    /// rolled back, a retrieve's chunks are unpinned (the layers it did copy stay copied). After
+    /// the engine's shutdown, fails with `shut_down` (a store is rolled back).
     [[nodiscard]] result<transfer_ticket> finish() {
       if (!op_) return fail(errc::invalid_argument, "finish: the transfer was finished or moved from");
       auto op = std::move(op_);
       std::optional<error> missing;
-      if (op->storing && !op->chunks.empty()) {
+      if (op->link->is_stopped()) {
+        missing = error{errc::shut_down, "finish: the engine was shut down"};
+      } else if (!op->chunks.empty()) {
         std::lock_guard lk(op->m);
         const auto sent = static_cast<std::size_t>(std::count(op->layer_sent.begin(), op->layer_sent.end(), true));
         if (sent != op->layout.num_layers())
-          missing = error{errc::invalid_argument, "finish: only " + std::to_string(sent) + " of " +
-                                                      std::to_string(op->layout.num_layers()) +
-                                                      " layers were submitted; the store was rolled back"};
+          missing = error{errc::invalid_argument,
+                          "finish: only " + std::to_string(sent) + " of " + std::to_string(op->layout.num_layers()) +
+                              " layers were submitted; the " +
+                              (op->storing ? "store was rolled back" : "retrieve is incomplete")};
       }
       transfer_ticket t(op->ticket);
-      seal(*st_, op, missing);
+      seal(op, missing);
       if (missing) return std::unexpected(std::move(*missing));
       return t;
     }
 
    private:
     friend class basic_engine;
-    layered_transfer(state* st, std::shared_ptr<operation> op) : st_(st), op_(std::move(op)) {}
+    explicit layered_transfer(std::shared_ptr<operation> op) : op_(std::move(op)) {}
 
     result<void> submit_layers(std::size_t first, std::size_t count, const transfer_hints& hints) {
       auto& op = *op_;
       if (op.chunks.empty()) return {};
+      if (!op.link->enter(/*submission=*/true)) return stopped_error("submit_layer");
+      struct leave_on_exit {
+        detail::engine_link& l;
+        ~leave_on_exit() { l.leave(); }
+      } guard{*op.link};
+      state* const st = op.st;
       transfer_hints h = hints;
       h.direction = op.storing ? transfer_direction::to_store : transfer_direction::from_store;
       h.cache_location = op.layout.location();
       // Hand over a batch every `transfer_batch_bytes`, so the copies of the first chunks run while
       // the ops of later ones are built.
       const std::size_t layers = op.layout.num_layers();
-      const std::size_t limit = st_->cfg.transfer_batch_bytes;
+      const std::size_t limit = st->cfg.transfer_batch_bytes;
       std::vector<copy_op> ops;
       std::size_t batch_bytes = 0;
       for (std::size_t i = 0; i < op.chunks.size(); ++i) {
@@ -638,11 +695,11 @@ class basic_engine {
             b += op.chunks[j].r.bytes / layers * count;
           ops.reserve(n * op.layout.max_copies(c.tokens, first, count));
         }
-        op.layout.append_copies(ops, op.table, c.first, c.tokens, st_->backend.data(c.r.handle).data(), op.storing,
+        op.layout.append_copies(ops, op.table, c.first, c.tokens, st->backend.data(c.r.handle).data(), op.storing,
                                 first, count);
         batch_bytes += c.r.bytes / layers * count;
         if ((limit != 0 && batch_bytes >= limit) || i + 1 == op.chunks.size()) {
-          submit_batch(*st_, op_, std::move(ops), h);
+          submit_batch(op_, std::move(ops), h);
           ops = {};
           batch_bytes = 0;
         }
@@ -652,11 +709,10 @@ class basic_engine {
 
     void abandon() noexcept {
       if (!op_) return;
-      seal(*st_, op_, error{errc::invalid_argument, "the layered transfer was dropped before finish()"});
+      seal(op_, error{errc::invalid_argument, "the layered transfer was dropped before finish()"});
       op_.reset();
     }
 
-    state* st_;
     std::shared_ptr<operation> op_;
   };
 
@@ -671,14 +727,6 @@ class basic_engine {
       root = hasher.root(seed);
     }
 
-    // Called after in_flight dropped; taking flight_m orders it after shutdown's predicate check.
-    void end_flight() {
-      if (in_flight.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-        std::lock_guard fl(flight_m);
-        flight_cv.notify_all();
-      }
-    }
-
     engine_config cfg;
     Allocator alloc;
     Hasher hasher;
@@ -690,14 +738,11 @@ class basic_engine {
     mutable std::shared_mutex mu;  // guards index, used, peak and the eviction policy
     std::unordered_map<chunk_key, entry, chunk_key_hash> index;
     std::size_t used{0}, peak{0};
-    std::atomic<std::size_t> in_flight{0};  // raised under mu, so none starts after shutdown's check
-    std::atomic<bool> stopped{false};
-    std::mutex flight_m;
-    std::condition_variable flight_cv;
+    std::atomic<bool> stopped{false};  // set under mu, first thing shutdown does
 
     mutable std::atomic<std::uint64_t> lookups{0}, hit_chunks{0}, miss_chunks{0}, hit_tokens{0}, queried_tokens{0};
-    std::atomic<std::uint64_t> stored_chunks{0}, deduplicated_chunks{0}, rejected_chunks{0}, retrieved_chunks{0},
-        evictions{0}, bytes_stored{0}, bytes_loaded{0}, transfer_failures{0};
+    std::atomic<std::uint64_t> stored_chunks{0}, deduplicated_chunks{0}, rejected_chunks{0}, replaced_chunks{0},
+        retrieved_chunks{0}, evictions{0}, bytes_stored{0}, bytes_loaded{0}, transfer_failures{0};
     mutable detail::atomic_histogram lookup_latency;
     detail::atomic_histogram store_latency, retrieve_latency;
   };
@@ -706,6 +751,39 @@ class basic_engine {
 
   static std::unexpected<error> stopped_error(const char* op) {
     return std::unexpected(error{errc::shut_down, std::string(op) + ": the engine was shut down"});
+  }
+
+  [[nodiscard]] std::shared_ptr<operation> new_operation(bool storing, detail::clock::time_point t0,
+                                                         detail::atomic_histogram* latency) const {
+    return std::make_shared<operation>(s_.get(), link_, storing, t0, latency);
+  }
+
+  [[nodiscard]] std::vector<chunk_key> keys_of(std::span<const token_id> tokens) const {
+    std::vector<chunk_key> keys;
+    keys.reserve(chunk_count(tokens.size()));
+    chunk_key k = s_->root;
+    for (std::size_t i = 0, n = chunk_count(tokens.size()); i < n; ++i) {
+      k = s_->hasher.chain(k, chunk_tokens_of(tokens, i));
+      keys.push_back(k);
+    }
+    return keys;
+  }
+
+  // Destination ranges of one batch must not overlap: split across threads, two copies would
+  // write the same bytes.
+  [[nodiscard]] static result<void> check_disjoint(const char* op, std::span<std::byte* const> ptrs,
+                                                   std::span<const std::size_t> sizes) {
+    std::vector<std::size_t> order(ptrs.size());
+    for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+    const auto addr = [&](std::size_t i) { return reinterpret_cast<std::uintptr_t>(ptrs[i]); };
+    std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return addr(a) < addr(b); });
+    for (std::size_t j = 1; j < order.size(); ++j) {
+      const std::size_t a = order[j - 1], b = order[j];
+      if (addr(b) - addr(a) < sizes[a])
+        return fail(errc::invalid_argument, std::string(op) + ": destination " + std::to_string(b) +
+                                                " overlaps destination " + std::to_string(a));
+    }
+    return {};
   }
 
   [[nodiscard]] std::size_t chunk_count(std::size_t tokens) const noexcept {
@@ -794,10 +872,13 @@ class basic_engine {
   }
 
   // Reserves every key not yet present, in order; stops at the first that cannot be placed.
-  // Keys already present are touched and held while the rest is placed, so making room for a
-  // prompt's tail never evicts its own head.
+  // Keys already present with the size asked for are touched and held while the rest is placed,
+  // so making room for a prompt's tail never evicts its own head. A key held with another size
+  // (written by save_blocks, or by another geometry's caller) is replaced when readable and
+  // unpinned; otherwise it is skipped, and with `prefix` (token stores) so is every key after it,
+  // since a lookup could never reach them.
   result<std::vector<reservation>> reserve_all(std::span<const chunk_key> keys, std::span<const std::size_t> sizes,
-                                               const char* op) {
+                                               const char* op, bool prefix) {
     auto& st = *s_;
     std::vector<reservation> out;
     std::vector<entry*> held;  // map nodes stay put while other entries come and go
@@ -811,13 +892,28 @@ class basic_engine {
     } unpin{held};
     for (std::size_t i = 0; i < keys.size(); ++i) {
       if (const auto it = st.index.find(keys[i]); it != st.index.end()) {
-        st.deduplicated_chunks.fetch_add(1, std::memory_order_relaxed);
-        if (it->second.ready) {
-          ++it->second.pins;
-          held.push_back(&it->second);
-          st.eviction.on_access(it->first);
+        if (it->second.bytes == sizes[i]) {
+          st.deduplicated_chunks.fetch_add(1, std::memory_order_relaxed);
+          if (it->second.ready) {
+            ++it->second.pins;
+            held.push_back(&it->second);
+            st.eviction.on_access(it->first);
+          }
+          continue;
         }
-        continue;
+        if (!it->second.ready || it->second.pins != 0) {
+          if (prefix) {
+            st.rejected_chunks.fetch_add(keys.size() - i, std::memory_order_relaxed);
+            break;
+          }
+          st.rejected_chunks.fetch_add(1, std::memory_order_relaxed);
+          continue;
+        }
+        st.backend.release(st.alloc, it->first, it->second.handle);
+        st.used -= it->second.bytes;
+        st.index.erase(it);
+        st.eviction.on_erase(keys[i]);
+        st.replaced_chunks.fetch_add(1, std::memory_order_relaxed);
       }
       auto h = reserve_locked(keys[i], sizes[i]);
       if (!h) {
@@ -831,7 +927,6 @@ class basic_engine {
       st.index.emplace(keys[i], entry{*h, sizes[i], 1, false});
       out.push_back({i, keys[i], *h, sizes[i]});
     }
-    if (!out.empty()) ++st.in_flight;
     return out;
   }
 
@@ -850,7 +945,9 @@ class basic_engine {
     return std::min(last, s_->cfg.chunk_tokens) % l.block_tokens() == 0 ? n : n - 1;
   }
 
-  static void submit_batch(state& st, const std::shared_ptr<operation>& op, std::vector<copy_op> ops,
+  // Hands one batch to the scheduler. Called inside a submission (link entered), so the state
+  // stays up; the batch holds its own entry until its completion has run.
+  static void submit_batch(const std::shared_ptr<operation>& op, std::vector<copy_op> ops,
                            const transfer_hints& hints) {
     std::span<const copy_op> view;
     {
@@ -858,14 +955,17 @@ class basic_engine {
       view = op->batches.emplace_back(std::move(ops));
       ++op->outstanding;
     }
-    auto done = [&st, op](result<void> r) { batch_done(st, op, std::move(r)); };
-    if constexpr (requires { st.scheduler.submit(view, hints, transfer_callback(done)); })
-      st.scheduler.submit(view, hints, transfer_callback(std::move(done)));
+    const bool entered = op->link->enter(/*submission=*/false);  // cannot fail: the caller holds an entry
+    (void)entered;
+    auto& sched = op->st->scheduler;
+    auto done = [op](result<void> r) { batch_done(op, std::move(r)); };
+    if constexpr (requires { sched.submit(view, hints, transfer_callback(done)); })
+      sched.submit(view, hints, transfer_callback(std::move(done)));
     else
-      st.scheduler.submit(view, transfer_callback(std::move(done)));
+      sched.submit(view, transfer_callback(std::move(done)));
   }
 
-  static void batch_done(state& st, const std::shared_ptr<operation>& op, result<void> r) {
+  static void batch_done(const std::shared_ptr<operation>& op, result<void> r) {
     bool last = false;
     {
       std::lock_guard lk(op->m);
@@ -874,11 +974,12 @@ class basic_engine {
       last = op->sealed && op->outstanding == 0 && !op->finalized;
       if (last) op->finalized = true;
     }
-    if (last) finalize(st, *op);
+    if (last) finalize(*op);
+    op->link->leave();  // the last touch of the state: shutdown may free it from here on
   }
 
   // No more batches will come; finalize now if none is in flight.
-  static void seal(state& st, const std::shared_ptr<operation>& op, std::optional<error> e) {
+  static void seal(const std::shared_ptr<operation>& op, std::optional<error> e) {
     bool now = false;
     {
       std::lock_guard lk(op->m);
@@ -888,22 +989,22 @@ class basic_engine {
       now = op->outstanding == 0 && !op->finalized;
       if (now) op->finalized = true;
     }
-    if (now) finalize(st, *op);
+    if (!now) return;
+    if (op->link->enter(/*submission=*/false)) {
+      finalize(*op);
+      op->link->leave();
+    } else {
+      // The engine is gone and took every chunk with it: only the ticket is left to complete.
+      op->ticket->complete(fail(errc::shut_down, "the engine was shut down before the transfer finished"));
+    }
   }
 
-  // Publishes or rolls back a store, or unpins a retrieve; completes the ticket.
-  static void finalize(state& st, operation& op) {
-    if (op.chunks.empty()) {  // nothing was reserved or pinned: no flight to end
-      if (op.latency) op.latency->record(detail::elapsed_ns(op.t0));
-      if (op.err)
-        op.ticket->complete(std::unexpected(*op.err));
-      else
-        op.ticket->complete(op.value);
-      return;
-    }
+  // Publishes or rolls back a store, or unpins a retrieve; completes the ticket. Runs entered.
+  static void finalize(operation& op) {
+    state& st = *op.st;
     std::optional<error> err = op.err;
     std::uint64_t bytes = 0, chunks = 0;
-    if (op.storing) {
+    if (op.storing && !op.chunks.empty()) {
       std::vector<result<void>> commits;
       commits.reserve(op.chunks.size());
       for (const auto& c : op.chunks) commits.push_back(err ? result<void>{} : st.backend.commit(c.r.key, c.r.handle));
@@ -924,7 +1025,7 @@ class basic_engine {
         bytes += c.bytes;
         ++chunks;
       }
-    } else {
+    } else if (!op.chunks.empty()) {
       std::unique_lock lk(st.mu);
       for (const auto& c : op.chunks) {
         --st.index.find(c.r.key)->second.pins;
@@ -939,26 +1040,32 @@ class basic_engine {
       st.retrieved_chunks.fetch_add(chunks, std::memory_order_relaxed);
       st.bytes_loaded.fetch_add(bytes, std::memory_order_relaxed);
     }
-    if (err) st.transfer_failures.fetch_add(1, std::memory_order_relaxed);
+    if (err && !op.chunks.empty()) st.transfer_failures.fetch_add(1, std::memory_order_relaxed);
     if (op.latency) op.latency->record(detail::elapsed_ns(op.t0));
-    // The ticket completes before the flight ends, so shutdown() returns only with every ticket
-    // ready; end_flight is the last touch of st, which shutdown may free from then on.
     if (err)
       op.ticket->complete(std::unexpected(std::move(*err)));
     else
       op.ticket->complete(op.value);
-    st.end_flight();
   }
 
   // One batch for the key API, waited for here.
   result<std::size_t> run_key_batch(std::shared_ptr<operation> op, std::vector<copy_op> ops) {
     transfer_ticket t(op->ticket);
-    if (!op->chunks.empty()) submit_batch(*s_, op, std::move(ops), transfer_hints{});
-    seal(*s_, op, std::nullopt);
+    std::optional<error> err;
+    if (!op->chunks.empty()) {
+      if (op->link->enter(/*submission=*/true)) {
+        submit_batch(op, std::move(ops), transfer_hints{});
+        op->link->leave();
+      } else {
+        err = error{errc::shut_down, "the engine was shut down"};
+      }
+    }
+    seal(op, std::move(err));
     return t.wait();
   }
 
   std::unique_ptr<state> s_;
+  std::shared_ptr<detail::engine_link> link_;
 };
 
 }  // namespace kvortex

@@ -9,6 +9,7 @@
 #include <limits>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kvortex/concepts/transfer_scheduler.hpp"
@@ -175,8 +176,23 @@ class kv_layout {
   /// @brief True when only whole blocks may be copied (opaque pages).
   [[nodiscard]] bool whole_blocks_only() const noexcept { return whole_blocks_; }
 
+  /// @brief True when no byte belongs to two layers. Layers may interleave (cross-layer layouts
+  /// with blocks outermost) as long as their elements stay apart.
+  [[nodiscard]] bool layers_disjoint() const noexcept { return aliasing_.empty(); }
+
+  /// @brief Whether this cache may be written by a retrieve: fails with `errc::invalid_layout`
+  /// (naming the layers) when two layers share or overlap memory, since copies split across
+  /// threads would then write the same bytes. Reading (a store) from such a cache is fine.
+  [[nodiscard]] result<void> check_destination() const {
+    if (aliasing_.empty()) return {};
+    return fail(errc::invalid_layout, kind_ + " layout: " + aliasing_ + "; it cannot be a destination");
+  }
+
   /// @brief Checks that a block table can address `tokens` tokens; an empty table means identity.
-  [[nodiscard]] result<void> check_table(std::span<const std::int32_t> table, std::size_t tokens) const {
+  /// With `distinct` (destinations), no physical block may appear twice among the entries used:
+  /// fails with `errc::invalid_argument` naming both positions.
+  [[nodiscard]] result<void> check_table(std::span<const std::int32_t> table, std::size_t tokens,
+                                         bool distinct = false) const {
     const std::size_t need = (tokens + block_tokens_ - 1) / block_tokens_;
     if (table.empty()) {
       if (need > num_blocks_)
@@ -193,6 +209,16 @@ class kv_layout {
         return fail(errc::invalid_argument, "block_table[" + std::to_string(i) + "] = " +
                                                 std::to_string(table[i]) + " is outside [0, " +
                                                 std::to_string(num_blocks_) + ")");
+    if (distinct && need > 1) {
+      std::vector<std::pair<std::int32_t, std::size_t>> seen(need);
+      for (std::size_t i = 0; i < need; ++i) seen[i] = {table[i], i};
+      std::sort(seen.begin(), seen.end());
+      for (std::size_t i = 1; i < need; ++i)
+        if (seen[i].first == seen[i - 1].first)
+          return fail(errc::invalid_argument, "block_table[" + std::to_string(seen[i - 1].second) + "] and block_table[" +
+                                                  std::to_string(seen[i].second) + "] both name block " +
+                                                  std::to_string(seen[i].first) + "; a destination block is written once");
+    }
     return {};
   }
 
@@ -307,6 +333,57 @@ class kv_layout {
     return {};
   }
 
+  struct dim {
+    std::int64_t stride;
+    std::int64_t count;
+    const char* name;
+  };
+
+  // The byte span of the elements the dimensions enumerate, each `hb` bytes. Sorted by stride,
+  // each dimension must step past the span of those inside it, which proves no two elements
+  // overlap. Returns an empty string, or what is wrong.
+  static std::string nested_span(std::span<dim> dims, std::int64_t hb, std::int64_t& span) {
+    std::sort(dims.begin(), dims.end(), [](const dim& a, const dim& b) { return a.stride < b.stride; });
+    span = hb;
+    for (const auto& d : dims) {
+      if (d.count <= 1) continue;
+      if (d.stride < span)
+        return std::string(d.name) + " stride " + std::to_string(d.stride) + " makes elements overlap (needs >= " +
+               std::to_string(span) + ")";
+      if (d.stride > (std::numeric_limits<std::int64_t>::max() - span) / (d.count - 1))
+        return std::string(d.name) + " stride " + std::to_string(d.stride) + " overflows the tensor's extent";
+      span = d.stride * (d.count - 1) + span;
+    }
+    return {};
+  }
+
+  // Empty when no byte belongs to two layers, else which layers collide. Layers whose spans are
+  // apart are disjoint; layers that interleave must start at equal steps that nest with the
+  // other dimensions (cross-layer caches with blocks outermost).
+  static std::string layer_aliasing(std::span<std::byte* const> ptrs, std::int64_t span, std::array<dim, 4> dims,
+                                    std::int64_t hb) {
+    const std::size_t n = ptrs.size();
+    if (n < 2) return {};
+    std::vector<std::pair<std::uintptr_t, std::size_t>> at(n);
+    for (std::size_t i = 0; i < n; ++i) at[i] = {reinterpret_cast<std::uintptr_t>(ptrs[i]), i};
+    std::sort(at.begin(), at.end());
+    bool apart = true;
+    for (std::size_t i = 1; i < n && apart; ++i) apart = at[i].first - at[i - 1].first >= static_cast<std::uint64_t>(span);
+    if (apart) return {};
+    const auto collide = [&](std::size_t i) {
+      return "layers " + std::to_string(at[i - 1].second) + " and " + std::to_string(at[i].second) + " overlap";
+    };
+    const std::uintptr_t step = at[1].first - at[0].first;
+    for (std::size_t i = 1; i < n; ++i)
+      if (at[i].first - at[i - 1].first != step || step == 0) return collide(i);
+    if (step > static_cast<std::uintptr_t>(std::numeric_limits<std::int64_t>::max())) return collide(1);
+    std::array<dim, 5> with_layers{{dims[0], dims[1], dims[2], dims[3],
+                                    {static_cast<std::int64_t>(step), static_cast<std::int64_t>(n), "layer"}}};
+    std::int64_t unused = 0;
+    if (!nested_span(std::span<dim>(with_layers), hb, unused).empty()) return collide(1);
+    return {};
+  }
+
   static result<kv_layout> make(std::span<std::byte* const> layer_ptrs, const kv_geometry& g,
                                 std::size_t num_blocks, std::size_t block_tokens, strides s,
                                 std::size_t layer_bytes, std::string kind) {
@@ -326,31 +403,18 @@ class kv_layout {
     // Elements must not overlap: sorted by stride, each dimension must step past the span of those
     // inside it. Then the last element must end inside the tensor.
     const auto hb = static_cast<std::int64_t>(std::size_t{g.head_dim} * g.element_bytes);
-    struct dim {
-      std::int64_t stride;
-      std::int64_t count;
-      const char* name;
-    };
     std::array<dim, 4> dims{{{s.head, g.kv_heads, "head"},
                              {s.token, static_cast<std::int64_t>(block_tokens), "token"},
                              {s.block, static_cast<std::int64_t>(num_blocks), "block"},
                              {s.plane, g.kv_planes, "plane"}}};
-    std::sort(dims.begin(), dims.end(), [](const dim& a, const dim& b) { return a.stride < b.stride; });
-    std::int64_t span = hb;
-    for (const auto& d : dims) {
-      if (d.count <= 1) continue;
-      if (d.stride < span)
-        return bad(std::string(d.name) + " stride " + std::to_string(d.stride) +
-                   " makes elements overlap (needs >= " + std::to_string(span) + ")");
-      if (d.stride > (std::numeric_limits<std::int64_t>::max() - span) / (d.count - 1))
-        return bad(std::string(d.name) + " stride " + std::to_string(d.stride) + " overflows the tensor's extent");
-      span = d.stride * (d.count - 1) + span;
-    }
+    std::int64_t span = 0;
+    if (auto e = nested_span(std::span<dim>(dims), hb, span); !e.empty()) return bad(std::move(e));
     if (static_cast<std::uint64_t>(span) > layer_bytes)
       return bad("the last element ends at byte " + std::to_string(span) + " of a " +
                  std::to_string(layer_bytes) + "-byte layer tensor");
 
     kv_layout out;
+    out.aliasing_ = layer_aliasing(layer_ptrs, span, dims, hb);
     out.layers_.assign(layer_ptrs.begin(), layer_ptrs.end());
     out.geometry_ = g;
     out.num_blocks_ = num_blocks;
@@ -367,6 +431,7 @@ class kv_layout {
   strides strides_{};
   memory_location location_{memory_location::host};
   std::string kind_;
+  std::string aliasing_;  // empty, or why two layers share bytes
   bool whole_blocks_{false};
 };
 

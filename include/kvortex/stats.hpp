@@ -11,32 +11,39 @@
 #include <string>
 #include <string_view>
 
+#include "kvortex/error.hpp"
+
 namespace kvortex {
 
-/// @brief Latency histogram with power-of-two microsecond buckets: bucket i counts operations that
-/// took at most 2^i us (the last bucket is unbounded).
+/// @brief Latency histogram with power-of-two microsecond buckets: bucket i < `buckets` counts
+/// operations that took more than 2^(i-1) us and at most 2^i us (bucket 0: at most 1 us), so the
+/// last finite bound is 2^23 us = 8.388608 s; `counts[buckets]` counts slower ones (+Inf).
+/// In a snapshot `count` always equals the sum of `counts`.
 struct latency_histogram {
-  static constexpr std::size_t buckets = 24;  // 1 us .. ~4 s, then +Inf
+  static constexpr std::size_t buckets = 24;  // 1 us .. 8.388608 s, then +Inf
   std::array<std::uint64_t, buckets + 1> counts{};
   std::uint64_t count{0};
   double sum_seconds{0};
 
+  /// @brief Upper bound of bucket i in microseconds (exact).
+  [[nodiscard]] static constexpr std::uint64_t upper_microseconds(std::size_t i) noexcept { return std::uint64_t{1} << i; }
   /// @brief Upper bound of bucket i in seconds.
   [[nodiscard]] static constexpr double upper_seconds(std::size_t i) noexcept {
-    return static_cast<double>(std::uint64_t{1} << i) * 1e-6;
+    return static_cast<double>(upper_microseconds(i)) * 1e-6;
   }
 };
 
 /// @brief A snapshot of an engine's counters. Chunks are counted once each.
 struct engine_stats {
   std::uint64_t lookups{0};           ///< lookup() calls
-  std::uint64_t hit_chunks{0};        ///< chunks found by lookup, retrieve and check_blocks
-  std::uint64_t miss_chunks{0};       ///< chunks asked for and not found
+  std::uint64_t hit_chunks{0};        ///< chunks found by lookup, retrieve and load_blocks
+  std::uint64_t miss_chunks{0};       ///< chunks lookup and retrieve asked for and did not find
   std::uint64_t hit_tokens{0};        ///< tokens found by lookup()
   std::uint64_t queried_tokens{0};    ///< tokens asked about by lookup()
   std::uint64_t stored_chunks{0};     ///< chunks written
   std::uint64_t deduplicated_chunks{0};  ///< stores skipped because the chunk was present or in flight
-  std::uint64_t rejected_chunks{0};   ///< stores dropped because nothing could be evicted
+  std::uint64_t rejected_chunks{0};   ///< stores dropped: nothing evictable, or the key was held in use with another size
+  std::uint64_t replaced_chunks{0};   ///< entries of another size overwritten by a store or save_blocks
   std::uint64_t retrieved_chunks{0};  ///< chunks copied back out
   std::uint64_t evictions{0};         ///< chunks evicted to make room
   std::uint64_t bytes_stored{0};      ///< bytes written into the store
@@ -56,24 +63,49 @@ namespace detail {
 /// Lock-free histogram the engine records into; `snapshot` copies it out.
 struct atomic_histogram {
   std::array<std::atomic<std::uint64_t>, latency_histogram::buckets + 1> counts{};
-  std::atomic<std::uint64_t> count{0};
   std::atomic<std::uint64_t> sum_ns{0};
 
   void record(std::uint64_t ns) noexcept {
     const std::uint64_t us = (ns + 999) / 1000;
     const std::size_t b = us <= 1 ? 0 : static_cast<std::size_t>(std::bit_width(us - 1));
     counts[b < latency_histogram::buckets ? b : latency_histogram::buckets].fetch_add(1, std::memory_order_relaxed);
-    count.fetch_add(1, std::memory_order_relaxed);
     sum_ns.fetch_add(ns, std::memory_order_relaxed);
   }
+  // The count is the sum of the buckets read, so +Inf always equals _count, whatever records
+  // run meanwhile (a separate counter read at another instant would not).
   [[nodiscard]] latency_histogram snapshot() const noexcept {
     latency_histogram h;
-    for (std::size_t i = 0; i < counts.size(); ++i) h.counts[i] = counts[i].load(std::memory_order_relaxed);
-    h.count = count.load(std::memory_order_relaxed);
+    for (std::size_t i = 0; i < counts.size(); ++i) {
+      h.counts[i] = counts[i].load(std::memory_order_relaxed);
+      h.count += h.counts[i];
+    }
     h.sum_seconds = static_cast<double>(sum_ns.load(std::memory_order_relaxed)) * 1e-9;
     return h;
   }
 };
+
+/// Exact decimal seconds of a whole number of microseconds: "4.194304", "0.000001", "1".
+inline std::string seconds_text(std::uint64_t us) {
+  std::string s = std::to_string(us / 1000000);
+  std::uint64_t frac = us % 1000000;
+  if (frac == 0) return s;
+  char digits[8];
+  std::snprintf(digits, sizeof digits, "%06llu", static_cast<unsigned long long>(frac));
+  std::string f(digits);
+  while (!f.empty() && f.back() == '0') f.pop_back();
+  return s + "." + f;
+}
+
+/// A Prometheus metric name: `[a-zA-Z_:][a-zA-Z0-9_:]*`.
+[[nodiscard]] constexpr bool valid_metric_name(std::string_view n) noexcept {
+  if (n.empty()) return false;
+  for (std::size_t i = 0; i < n.size(); ++i) {
+    const char c = n[i];
+    const bool alpha = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_' || c == ':';
+    if (!alpha && (i == 0 || c < '0' || c > '9')) return false;
+  }
+  return true;
+}
 
 inline void prom_metric(std::string& out, std::string_view prefix, std::string_view name, std::string_view type,
                         std::string_view help, std::uint64_t value) {
@@ -89,23 +121,18 @@ inline void prom_histogram(std::string& out, std::string_view prefix, std::strin
   std::uint64_t cumulative = 0;
   for (std::size_t i = 0; i < latency_histogram::buckets; ++i) {
     cumulative += h.counts[i];
-    char le[32];
-    std::snprintf(le, sizeof le, "%g", latency_histogram::upper_seconds(i));
-    out += full + "_bucket{le=\"" + le + "\"} " + std::to_string(cumulative) + "\n";
+    out += full + "_bucket{le=\"" + seconds_text(latency_histogram::upper_microseconds(i)) + "\"} " +
+           std::to_string(cumulative) + "\n";
   }
   cumulative += h.counts[latency_histogram::buckets];
   out += full + "_bucket{le=\"+Inf\"} " + std::to_string(cumulative) + "\n";
   char sum[64];
   std::snprintf(sum, sizeof sum, "%.9g", h.sum_seconds);
   out += full + "_sum " + sum + "\n";
-  out += full + "_count " + std::to_string(h.count) + "\n";
+  out += full + "_count " + std::to_string(cumulative) + "\n";  // equal to +Inf by construction
 }
 
-}  // namespace detail
-
-/// @brief Renders a snapshot in the Prometheus text exposition format (version 0.0.4).
-/// @param prefix metric name prefix, e.g. "kvortex" gives `kvortex_hit_tokens_total`.
-[[nodiscard]] inline std::string to_prometheus(const engine_stats& s, std::string_view prefix = "kvortex") {
+inline std::string render_prometheus(const engine_stats& s, std::string_view prefix) {
   std::string out;
   using detail::prom_metric;
   prom_metric(out, prefix, "lookups_total", "counter", "lookup() calls.", s.lookups);
@@ -116,7 +143,10 @@ inline void prom_histogram(std::string& out, std::string_view prefix, std::strin
   prom_metric(out, prefix, "stored_chunks_total", "counter", "Chunks written.", s.stored_chunks);
   prom_metric(out, prefix, "deduplicated_chunks_total", "counter", "Stores skipped: chunk already present.",
               s.deduplicated_chunks);
-  prom_metric(out, prefix, "rejected_chunks_total", "counter", "Stores dropped: nothing evictable.", s.rejected_chunks);
+  prom_metric(out, prefix, "rejected_chunks_total", "counter", "Stores dropped: nothing evictable or key in use.",
+              s.rejected_chunks);
+  prom_metric(out, prefix, "replaced_chunks_total", "counter", "Entries of another size overwritten.",
+              s.replaced_chunks);
   prom_metric(out, prefix, "retrieved_chunks_total", "counter", "Chunks copied back out.", s.retrieved_chunks);
   prom_metric(out, prefix, "evictions_total", "counter", "Chunks evicted to make room.", s.evictions);
   prom_metric(out, prefix, "stored_bytes_total", "counter", "Bytes written into the store.", s.bytes_stored);
@@ -130,6 +160,21 @@ inline void prom_histogram(std::string& out, std::string_view prefix, std::strin
   detail::prom_histogram(out, prefix, "store_seconds", "store() latency to completion.", s.store_latency);
   detail::prom_histogram(out, prefix, "retrieve_seconds", "retrieve() latency to completion.", s.retrieve_latency);
   return out;
+}
+}  // namespace detail
+
+/// @brief Renders a snapshot in the Prometheus text exposition format (version 0.0.4), every
+/// metric named `kvortex_*` (e.g. `kvortex_hit_tokens_total`).
+[[nodiscard]] inline std::string to_prometheus(const engine_stats& s) { return detail::render_prometheus(s, "kvortex"); }
+
+/// @brief As above with another metric name prefix, e.g. "llm_kv" gives `llm_kv_hit_tokens_total`.
+/// Fails with `errc::invalid_argument` when `prefix` is not a valid Prometheus metric name
+/// (`[a-zA-Z_:][a-zA-Z0-9_:]*`), since the text would not parse.
+[[nodiscard]] inline result<std::string> to_prometheus(const engine_stats& s, std::string_view prefix) {
+  if (!detail::valid_metric_name(prefix))
+    return fail(errc::invalid_argument, "to_prometheus: prefix \"" + std::string(prefix) +
+                                            "\" is not a Prometheus metric name ([a-zA-Z_:][a-zA-Z0-9_:]*)");
+  return detail::render_prometheus(s, prefix);
 }
 
 }  // namespace kvortex

@@ -12,6 +12,8 @@
 #include <functional>
 #include <string>
 
+#include "kvortex/detail/key_hash.hpp"
+
 namespace kvortex {
 
 /// @brief A token id as inference engines hand them over (vLLM, SGLang and TensorRT-LLM use 32 bits).
@@ -44,12 +46,12 @@ struct chunk_key {
   }
 };
 
-/// @brief Hash functor for unordered containers: the key is already a digest, so take 8 of its bytes.
+/// @brief Hash functor for unordered containers: all 32 bytes, mixed with a per-process random
+/// seed (`detail/key_hash.hpp`), so keys a caller chooses cannot be made to share buckets.
+/// Values differ between processes; never persist them.
 struct chunk_key_hash {
   [[nodiscard]] std::size_t operator()(const chunk_key& k) const noexcept {
-    std::uint64_t v = 0;
-    std::memcpy(&v, k.bytes.data(), sizeof v);
-    return static_cast<std::size_t>(v);
+    return static_cast<std::size_t>(detail::seeded_key_hash(k.bytes.data(), k.bytes.size()));
   }
 };
 

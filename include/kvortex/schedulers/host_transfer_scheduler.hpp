@@ -7,10 +7,12 @@
 #include <condition_variable>
 #include <cstddef>
 #include <deque>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <span>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -26,23 +28,48 @@ namespace kvortex {
 /// one per thread, the caller's thread included, since one core cannot saturate memory bandwidth.
 /// The ranges count the bytes of every op row after row, so a 2D op is split between rows or
 /// inside one.
+///
+/// Threads: at most `max_threads` (256), the caller's included. `create` fails when a copy thread
+/// cannot be started; the constructors keep the threads that did start (`threads()` says how many).
 class host_transfer_scheduler {
  public:
+  /// @brief Upper bound on copy threads, the caller's included; larger requests are capped to it.
+  static constexpr unsigned max_threads = 256;
+
   /// @param threads copy threads including the caller's; 0 picks `hardware_concurrency`, capped at 8.
   /// @param parallel_bytes batches of at least this many bytes are split across threads.
   explicit host_transfer_scheduler(unsigned threads = 0, std::size_t parallel_bytes = std::size_t{8} << 20)
-      : pool_(std::make_unique<pool>(pick_threads(threads), parallel_bytes)) {}
+      : pool_(std::make_unique<pool>(parallel_bytes)) {
+    pool_->start(pick_threads(threads));
+  }
 
   /// @brief Takes `transfer_threads` and `parallel_copy_bytes` from the engine's configuration.
   explicit host_transfer_scheduler(const engine_config& cfg)
       : host_transfer_scheduler(cfg.transfer_threads, cfg.parallel_copy_bytes) {}
 
+  /// @brief As the configuration constructor, but fails with `errc::internal` (naming the system
+  /// error) when a copy thread cannot be started, and with `errc::out_of_memory` when the pool
+  /// cannot be allocated. The engine builds its scheduler through this.
+  [[nodiscard]] static result<host_transfer_scheduler> create(const engine_config& cfg) noexcept {
+    std::unique_ptr<pool> p;
+    try {
+      p = std::make_unique<pool>(cfg.parallel_copy_bytes);
+    } catch (...) {
+      return fail(errc::out_of_memory, "host_transfer_scheduler: cannot allocate the thread pool");
+    }
+    const unsigned want = pick_threads(cfg.transfer_threads);
+    if (auto started = p->start(want); !started) return std::unexpected(started.error());
+    return host_transfer_scheduler(std::move(p));
+  }
+
   host_transfer_scheduler(host_transfer_scheduler&&) noexcept = default;
   host_transfer_scheduler& operator=(host_transfer_scheduler&&) noexcept = default;
   ~host_transfer_scheduler() = default;
 
-  /// @brief Copy threads, the caller's included.
-  [[nodiscard]] unsigned threads() const noexcept { return static_cast<unsigned>(pool_->workers.size()) + 1; }
+  /// @brief Copy threads, the caller's included (0 once moved from).
+  [[nodiscard]] unsigned threads() const noexcept {
+    return pool_ ? static_cast<unsigned>(pool_->workers.size()) + 1 : 0;
+  }
 
   void submit(std::span<const copy_op> ops, transfer_callback done) {
     std::size_t total = 0;
@@ -68,13 +95,17 @@ class host_transfer_scheduler {
   }
 
   void drain() {
+    if (!pool_) return;
     std::unique_lock lk(pool_->m);
     pool_->idle.wait(lk, [&] { return pool_->pending == 0 && pool_->queue.empty() && pool_->busy == 0; });
   }
 
  private:
-  static unsigned pick_threads(unsigned requested) {
-    if (requested != 0) return requested;
+  struct pool;
+  explicit host_transfer_scheduler(std::unique_ptr<pool> p) noexcept : pool_(std::move(p)) {}
+
+  static unsigned pick_threads(unsigned requested) noexcept {
+    if (requested != 0) return std::min(requested, max_threads);
     return std::clamp(std::thread::hardware_concurrency(), 1u, 8u);
   }
 
@@ -103,19 +134,39 @@ class host_transfer_scheduler {
   };
 
   struct pool {
-    pool(unsigned threads, std::size_t bytes) : parallel_bytes(bytes) {
-      for (unsigned i = 1; i < threads; ++i) workers.emplace_back([this](std::stop_token st) { loop(st); });
-    }
+    explicit pool(std::size_t bytes) : parallel_bytes(bytes) {}
+    pool(const pool&) = delete;
+    pool& operator=(const pool&) = delete;
+    // The stop flag is set under the mutex: a worker between its predicate check and its wait
+    // cannot miss it.
     ~pool() {
-      for (auto& w : workers) w.request_stop();
+      {
+        std::lock_guard lk(m);
+        stopping = true;
+      }
       work.notify_all();
+      for (auto& w : workers) w.join();
     }
-    void loop(std::stop_token st) {
+
+    // Starts workers until `threads` copy threads exist (the caller's counts as one); on failure
+    // the ones started keep serving and the error names the cause.
+    result<void> start(unsigned threads) noexcept {
+      try {
+        workers.reserve(threads > 0 ? threads - 1 : 0);
+        for (unsigned i = 1; i < threads; ++i) workers.emplace_back([this] { loop(); });
+      } catch (const std::exception& e) {
+        return fail(errc::internal, "host_transfer_scheduler: started " + std::to_string(workers.size()) + " of " +
+                                        std::to_string(threads - 1) + " copy threads: " + e.what());
+      }
+      return {};
+    }
+
+    void loop() {
       for (;;) {
         std::function<void()> task;
         {
           std::unique_lock lk(m);
-          work.wait(lk, [&] { return st.stop_requested() || !queue.empty(); });
+          work.wait(lk, [&] { return stopping || !queue.empty(); });
           if (queue.empty()) return;
           task = std::move(queue.front());
           queue.pop_front();
@@ -131,7 +182,8 @@ class host_transfer_scheduler {
     std::condition_variable work, idle;
     std::deque<std::function<void()>> queue;
     std::size_t pending{0}, busy{0};
-    std::vector<std::jthread> workers;  // last: joined first, while the members above still live
+    bool stopping{false};
+    std::vector<std::thread> workers;
   };
 
   std::unique_ptr<pool> pool_;
