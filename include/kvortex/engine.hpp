@@ -183,7 +183,9 @@ class transfer_ticket {
 /// `save_blocks`, `load_blocks`, `check_blocks` address them by `chunk_key`. All members are
 /// thread-safe. Capacity is a hard limit; chunks an in-flight transfer uses are never evicted;
 /// concurrent stores of one key write it once. The engine is movable; a moved-from engine
-/// answers every call with `errc::shut_down`.
+/// answers every call with `errc::shut_down`. Tickets and layered transfers may outlive it.
+/// Destinations of retrieves and `load_blocks` are checked so that no two copies write the same
+/// byte (a block named twice, layers that overlap, overlapping buffers are refused).
 ///
 /// @tparam Allocator host memory for chunks (`allocator`)
 /// @tparam Hasher chunk key chaining (`hasher`)
@@ -298,8 +300,10 @@ class basic_engine {
   class layered_transfer;
 
   /// @brief Copies the KV of `tokens` out of `src` into the store, chunk by chunk. Chunks already
-  /// present or in flight are skipped; if capacity runs out, the chunks after the first that cannot
-  /// be placed are dropped (they would be unreachable). The ticket yields the tokens newly written.
+  /// present or in flight are skipped; a chunk's key held with another size (`save_blocks` wrote
+  /// it) is replaced, or, while a transfer uses that entry, ends the store there. If capacity runs
+  /// out, the chunks after the first that cannot be placed are dropped (they would be unreachable);
+  /// both count in `rejected_chunks`. The ticket yields the tokens newly written.
   /// Tokens beyond the last full chunk are kept only with `store_partial_chunks`.
   /// @param block_table physical block of each logical block of `src`; empty means identity.
   /// @param hints `wait_event`: copy only after it (e.g. the forward pass's last layer).

@@ -37,9 +37,18 @@ struct allocator_archetype {
 /// - `b.release(a, k, h) noexcept`: drop the chunk (evicted, aborted or shut down) and give its
 ///   memory back to `a`.
 ///
+/// When each is called: `reserve` under the engine's exclusive index lock, when a store or
+/// `save_blocks` places a chunk (after evicting, if the byte budget requires); `data` without the
+/// lock, while a transfer builds its copies (the chunk is reserved or pinned, so it cannot go);
+/// `commit` without the lock, once per chunk, by the thread that completes a store's last copy,
+/// before the chunk becomes readable (a failed commit rolls that chunk back and fails the store);
+/// `release` under the exclusive index lock, when a chunk is evicted or replaced, when a store is
+/// rolled back (also for chunks never committed), and for every chunk at shutdown.
+///
 /// Semantics: calls for different keys may come from several threads at once; the engine never
 /// calls two of them for the same key concurrently, and never releases a chunk a transfer reads.
-/// Construction as for `allocator`.
+/// `reserve` and `release` run under the index lock, so they must not call back into the engine
+/// and should be fast. Construction as for `allocator`.
 template <class B, class A = detail::allocator_archetype>
 concept backend = std::move_constructible<B> && std::is_trivially_copyable_v<typename B::handle> &&
                   requires(B& b, A& a, const chunk_key& k, std::size_t n, typename B::handle h) {

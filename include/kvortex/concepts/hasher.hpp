@@ -22,8 +22,13 @@ namespace kvortex {
 ///   keys in every process and on every platform.
 /// - `H::name -> std::string_view`: a stable name, e.g. "sha256".
 ///
+/// When: `root` once, when the engine is created; `chain` once per chunk of every token list given
+/// to `lookup`, `store`, `retrieve`, `begin_store`, `begin_retrieve` and `chunk_keys`, in chunk
+/// order, without any engine lock held (a `lookup` that misses its first chunk hashes only that one).
+///
 /// Semantics: `root` and `chain` are `const` and safe to call from many threads at once; they do
-/// not fail (a hasher that cannot be set up fails in `create`). Shorter digests fill the leading
+/// not fail (a hasher that cannot be set up fails in `create`). Keys are compared as all 32 bytes;
+/// the engine's index hashes them again with a seeded hash, so a hasher need not spread its output. Shorter digests fill the leading
 /// bytes of the key and zero the rest.
 template <class H>
 concept hasher = std::move_constructible<H> &&

@@ -47,8 +47,17 @@ struct transfer_hints {
 /// calls it instead when present. A scheduler that can reach device memory declares
 /// `static constexpr bool reaches_device_memory = true;`.
 ///
-/// Semantics: `submit` and `drain` are safe to call from several threads at once. Construction
-/// as for `allocator`.
+/// When: the engine calls `submit` without holding any of its locks, from the thread that calls
+/// `store`, `retrieve`, `submit_layer`, `submit_all`, `save_blocks` or `load_blocks`; a transfer may
+/// arrive as several batches (`engine_config::transfer_batch_bytes`, and one per layer for layered
+/// transfers). `done` may run inline, inside `submit`, or later on any thread; the engine's work in
+/// it (publishing a finished store, unpinning a retrieve, completing its ticket) takes the index
+/// lock. The ops of one retrieve batch never write overlapping bytes (destinations are validated);
+/// a store's ops may read overlapping bytes. `drain` is called by `shutdown` after every `done` ran.
+///
+/// Semantics: `submit` and `drain` are safe to call from several threads at once. A failure
+/// reported through `done` fails that transfer: a store is rolled back, a retrieve's ticket
+/// fails; the engine keeps serving. Construction as for `allocator`.
 template <class S>
 concept transfer_scheduler = std::move_constructible<S> &&
                              requires(S& s, std::span<const copy_op> ops, transfer_callback done) {
