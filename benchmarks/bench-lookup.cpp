@@ -6,12 +6,17 @@
 // mt/*: the index under contention (1, 2 and 8 threads on one shared engine): lookups of many
 // distinct stored prompts, check_blocks of 32 keys, and save_blocks of tiny blocks that keep the
 // engine full, so every save evicts.
+// index/insert/*: save_blocks of 20,000 keys into a fresh engine, random keys against keys that
+// share their first 8 bytes (a flooding attempt); a thread beside it looks a stored prompt up all
+// the while, and the slowest of those lookups is the counter max_lookup_us.
 
 #include <benchmark/benchmark.h>
 
 #include "bench_support.hpp"
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -20,6 +25,7 @@
 #include <random>
 #include <span>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "kvortex/kvortex.hpp"
@@ -213,7 +219,66 @@ void mt_save_blocks(benchmark::State& state) {
   if (state.thread_index() == 0) state.counters["evictions"] = static_cast<double>(s.e.stats().evictions);
 }
 
+// ------------------------------------------------------------------------------------------------
+// Index inserts with caller-chosen keys.
+
+constexpr std::size_t flood_keys = 20000;
+
+std::vector<kvortex::chunk_key> insert_keys(bool flooding) {
+  std::vector<kvortex::chunk_key> keys(flood_keys);
+  std::mt19937_64 rng(42);
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    for (std::size_t w = 0; w < 4; ++w) {
+      std::uint64_t v = rng();
+      if (flooding && w == 0) v = 0xABABABABABABABABULL;  // the first 8 bytes equal in every key
+      std::memcpy(keys[i].bytes.data() + 8 * w, &v, sizeof v);
+    }
+  }
+  return keys;
+}
+
+void index_insert(benchmark::State& state, bool flooding) {
+  const auto keys = insert_keys(flooding);
+  std::vector<std::byte> payload(64, std::byte{5});
+  const std::vector<const std::byte*> ptrs(keys.size(), payload.data());
+  const std::vector<std::size_t> sizes(keys.size(), payload.size());
+  const auto prompt = random_tokens(2048, 9);
+  double worst_us = 0;
+  for (auto _ : state) {
+    state.PauseTiming();
+    auto cfg = tiny_config(std::size_t{64} << 20);
+    auto e = take(kvortex::host_engine::create(cfg), "create");
+    const tiny_cache src(cfg.geometry, prompt.size());
+    store_all(e, src, prompt);
+    std::atomic<bool> stop{false};
+    std::thread looker([&] {
+      while (!stop.load(std::memory_order_relaxed)) {
+        const auto t0 = std::chrono::steady_clock::now();
+        (void)e.lookup(prompt);
+        worst_us = std::max(worst_us, std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+      }
+    });
+    state.ResumeTiming();
+    const auto n = e.save_blocks(keys, ptrs, sizes);
+    state.PauseTiming();
+    stop = true;
+    looker.join();
+    if (!n || *n != keys.size()) {
+      state.SkipWithError("save_blocks stored fewer keys than asked");
+      break;
+    }
+    state.ResumeTiming();
+  }
+  state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations() * keys.size()));
+  state.counters["max_lookup_us"] = worst_us;
+}
+
 }  // namespace
+
+BENCHMARK_CAPTURE(index_insert, random, false)->Name("index/insert/random/keys:20000")
+    ->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_CAPTURE(index_insert, flooding, true)->Name("index/insert/flooding/keys:20000")
+    ->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // Targets (one core): full-hit lookup of 8192 tokens <= 25 us with SHA-256, <= 5 us with XXH3.
 BENCHMARK_TEMPLATE(lookup_prompt, kvortex::host_engine, true)->Name("lookup/sha256/hit/tokens:8192")

@@ -884,6 +884,13 @@ class basic_engine {
   result<std::vector<reservation>> reserve_all(std::span<const chunk_key> keys, std::span<const std::size_t> sizes,
                                                const char* op, bool prefix) {
     auto& st = *s_;
+    // Entered on the link: the lock is let go every few keys (so a huge save_blocks cannot stall
+    // lookups), and shutdown must not free what is held across those gaps.
+    if (!link_->enter(/*submission=*/true)) return stopped_error(op);
+    struct leave_link {
+      detail::engine_link& l;
+      ~leave_link() { l.leave(); }
+    } left{*link_};
     std::vector<reservation> out;
     std::vector<entry*> held;  // map nodes stay put while other entries come and go
     std::unique_lock lk(st.mu);
@@ -894,7 +901,16 @@ class basic_engine {
         for (entry* e : v) --e->pins;
       }
     } unpin{held};
+    constexpr std::size_t keys_per_hold = 64;
     for (std::size_t i = 0; i < keys.size(); ++i) {
+      if (i % keys_per_hold == 0 && i != 0) {
+        lk.unlock();
+        lk.lock();
+        if (st.stopped.load(std::memory_order_relaxed)) {
+          for (const auto& r : out) drop_locked(r.key, r.handle, r.bytes);
+          return stopped_error(op);
+        }
+      }
       if (const auto it = st.index.find(keys[i]); it != st.index.end()) {
         if (it->second.bytes == sizes[i]) {
           st.deduplicated_chunks.fetch_add(1, std::memory_order_relaxed);
@@ -1003,7 +1019,9 @@ class basic_engine {
     }
   }
 
-  // Publishes or rolls back a store, or unpins a retrieve; completes the ticket. Runs entered.
+  // Publishes or rolls back a store, or unpins a retrieve; completes the ticket. Runs entered,
+  // so the state stays up while the index lock is let go between groups of chunks.
+  static constexpr std::size_t publish_per_hold = 64;
   static void finalize(operation& op) {
     state& st = *op.st;
     std::optional<error> err = op.err;
@@ -1014,6 +1032,10 @@ class basic_engine {
       for (const auto& c : op.chunks) commits.push_back(err ? result<void>{} : st.backend.commit(c.r.key, c.r.handle));
       std::unique_lock lk(st.mu);
       for (std::size_t i = 0; i < op.chunks.size(); ++i) {
+        if (i % publish_per_hold == 0 && i != 0) {  // a huge save_blocks must not stall lookups
+          lk.unlock();
+          lk.lock();
+        }
         const auto& c = op.chunks[i].r;
         if (err || !commits[i]) {
           if (!err) err = commits[i].error();
@@ -1031,9 +1053,13 @@ class basic_engine {
       }
     } else if (!op.chunks.empty()) {
       std::unique_lock lk(st.mu);
-      for (const auto& c : op.chunks) {
-        --st.index.find(c.r.key)->second.pins;
-        bytes += c.r.bytes;
+      for (std::size_t i = 0; i < op.chunks.size(); ++i) {
+        if (i % publish_per_hold == 0 && i != 0) {
+          lk.unlock();
+          lk.lock();
+        }
+        --st.index.find(op.chunks[i].r.key)->second.pins;
+        bytes += op.chunks[i].r.bytes;
         ++chunks;
       }
     }
