@@ -14,7 +14,7 @@
 #include <cstring>
 #include <random>
 
-#if defined(KVORTEX_WITH_XXHASH) || __has_include(<xxhash.h>)
+#if !defined(KVORTEX_KEY_HASH_SIPHASH) && (defined(KVORTEX_WITH_XXHASH) || __has_include(<xxhash.h>))
 #define KVORTEX_KEY_HASH_XXH3 1
 #ifndef XXH_INLINE_ALL
 #define XXH_INLINE_ALL
@@ -54,9 +54,10 @@ struct key_hash_seed {
   }
 };
 
-#ifndef KVORTEX_KEY_HASH_XXH3
-/// SipHash-1-3 of a message whose length is a multiple of 8 (chunk keys are 32 bytes).
-inline std::uint64_t siphash13_words(const std::byte* p, std::size_t n, std::uint64_t k0, std::uint64_t k1) noexcept {
+/// SipHash-c-d (Aumasson and Bernstein) of `n` bytes under the 128-bit key (k0, k1); the index
+/// uses SipHash-1-3 where xxHash is absent.
+template <int C, int D>
+inline std::uint64_t siphash(const std::byte* p, std::size_t n, std::uint64_t k0, std::uint64_t k1) noexcept {
   std::uint64_t v0 = k0 ^ 0x736f6d6570736575ULL, v1 = k1 ^ 0x646f72616e646f6dULL;
   std::uint64_t v2 = k0 ^ 0x6c7967656e657261ULL, v3 = k1 ^ 0x7465646279746573ULL;
   const auto round = [&] {
@@ -65,30 +66,33 @@ inline std::uint64_t siphash13_words(const std::byte* p, std::size_t n, std::uin
     v0 += v3, v3 = std::rotl(v3, 21), v3 ^= v0;
     v2 += v1, v1 = std::rotl(v1, 17), v1 ^= v2, v2 = std::rotl(v2, 32);
   };
-  for (std::size_t i = 0; i + 8 <= n; i += 8) {
-    std::uint64_t m;
-    std::memcpy(&m, p + i, 8);
+  const auto absorb = [&](std::uint64_t m) {
     v3 ^= m;
-    round();
+    for (int i = 0; i < C; ++i) round();
     v0 ^= m;
+  };
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    std::uint64_t m = 0;
+    for (std::size_t b = 0; b < 8; ++b) m |= std::uint64_t{static_cast<unsigned char>(p[i + b])} << (8 * b);
+    absorb(m);
   }
-  const std::uint64_t last = static_cast<std::uint64_t>(n & 0xFF) << 56;
-  v3 ^= last;
-  round();
-  v0 ^= last;
+  std::uint64_t last = static_cast<std::uint64_t>(n & 0xFF) << 56;
+  for (std::size_t b = 0; i + b < n; ++b) last |= std::uint64_t{static_cast<unsigned char>(p[i + b])} << (8 * b);
+  absorb(last);
   v2 ^= 0xFF;
-  round(), round(), round();
+  for (int r = 0; r < D; ++r) round();
   return v0 ^ v1 ^ v2 ^ v3;
 }
-#endif
 
-/// The index hash of `n` key bytes (`n` a multiple of 8).
+/// The index hash of `n` key bytes. `KVORTEX_KEY_HASH_SIPHASH` selects SipHash-1-3 even where
+/// xxHash is installed (it must then be defined alike in every translation unit).
 inline std::uint64_t seeded_key_hash(const std::byte* p, std::size_t n) noexcept {
   const auto& s = key_hash_seed::get();
 #ifdef KVORTEX_KEY_HASH_XXH3
   return XXH3_64bits_withSeed(p, n, s.k0 ^ std::rotl(s.k1, 17));
 #else
-  return siphash13_words(p, n, s.k0, s.k1);
+  return siphash<1, 3>(p, n, s.k0, s.k1);
 #endif
 }
 
