@@ -8,6 +8,8 @@ packages=(
   libssl-dev libnuma-dev libxxhash-dev
   doctest-dev libbenchmark-dev
   clang-19  # the header check compiles every public header with clang++-19 too
+  libfuzzer-19-dev libclang-rt-19-dev  # libFuzzer targets and clang's sanitizer runtimes
+  redis-server libhiredis-dev  # the Redis tier and the redis-server processes its tests start
 )
 
 missing=()
