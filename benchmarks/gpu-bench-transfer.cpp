@@ -8,6 +8,10 @@
 // heads give 8, 16, 32 or 64 KiB blocks; N is chosen so that every iteration moves 512 MiB.
 // Counters: GBps, ratio_to_limit (against one contiguous pinned cudaMemcpyAsync of the same bytes,
 // measured in the same run), gemm_tflops / gemm_alone_tflops / gemm_loss_pct (interference).
+// Baselines: contiguous (the limit), per_block_memcpy (one cudaMemcpyAsync per block, as if the
+// cache were NHD), memcpy_batch (one cudaMemcpyBatchAsync of the blocks), per_head_memcpy2d (what an
+// HND cache costs done plainly: one cudaMemcpy2DAsync per head and block, into the chunk layout),
+// zero_copy_uva. ours_dma_only_* is the scheduler without kernels (the NVRTC-less fallback).
 
 #include <benchmark/benchmark.h>
 #include <cublas_v2.h>
@@ -234,12 +238,13 @@ detail::nvrtc::transfer_kernels& kernels() {
 
 // --------------------------------------------------------------------------------------------
 // Methods. Each runs one iteration (iter_bytes) and returns after it is queued; `sync` waits.
-enum class method { contiguous, per_block, batch, uva, ours, ours_dma, ours_16cta, ours_8x32MiB };
+enum class method { contiguous, per_block, batch, per_head_2d, uva, ours, ours_dma, ours_16cta, ours_8x32MiB };
 const char* name(method m) {
   switch (m) {
     case method::contiguous: return "contiguous";
     case method::per_block: return "per_block_memcpy";
     case method::batch: return "memcpy_batch";
+    case method::per_head_2d: return "per_head_memcpy2d";
     case method::uva: return "zero_copy_uva";
     case method::ours: return "ours";
     case method::ours_dma: return "ours_dma_only";
@@ -299,6 +304,21 @@ struct runner {
         std::size_t idx = 0;
         if (!CK(cudaMemcpyBatchAsync(dst.data(), src.data(), f->sizes.data(), dst.size(), &attr, &idx, 1, s)))
           return false;
+        return CK(cudaStreamSynchronize(s));
+      }
+      case method::per_head_2d: {
+        // The HND cache's heads, each 16 rows of one head_dim into the chunk's token rows.
+        const std::size_t hb = head_dim * 2, pitch = f->heads * hb;
+        for (std::uint32_t l = 0; l < layers; ++l)
+          for (std::size_t p = 0; p < 2; ++p)
+            for (std::size_t i = 0; i < f->sel; ++i)
+              for (std::size_t h = 0; h < f->heads; ++h) {
+                std::byte* dev = f->cache[l] + (p * f->nb + static_cast<std::size_t>(f->table[i])) * f->frag + h * block_tokens * hb;
+                std::byte* host = B.host + ((l * 2 + p) * f->sel + i) * f->frag + h * hb;
+                const cudaError_t e = d2h ? cudaMemcpy2DAsync(host, pitch, dev, hb, hb, block_tokens, cudaMemcpyDeviceToHost, s)
+                                          : cudaMemcpy2DAsync(dev, hb, host, pitch, hb, block_tokens, cudaMemcpyHostToDevice, s);
+                if (!CK(e)) return false;
+              }
         return CK(cudaStreamSynchronize(s));
       }
       case method::uva: {
@@ -542,8 +562,8 @@ const bool registered = [] {
   for (const std::size_t f : frags)
     for (const bool d2h : {true, false}) {
       const std::string dir = d2h ? "D2H" : "H2D", sz = std::to_string(f / KiB) + "KiB";
-      for (const method m : {method::contiguous, method::per_block, method::batch, method::uva, method::ours_dma,
-                             method::ours}) {
+      for (const method m : {method::contiguous, method::per_block, method::batch, method::per_head_2d, method::uva,
+                             method::ours_dma, method::ours}) {
         const bool per_layout = m >= method::ours;
         for (const kv_order o : {kv_order::nhd, kv_order::hnd}) {
           if (!per_layout && o == kv_order::hnd) continue;
@@ -551,7 +571,7 @@ const bool registered = [] {
           auto* b = benchmark::RegisterBenchmark(("transfer/" + std::string(name(m)) + lay + "/" + dir + "/" + sz).c_str(),
                                                  [=](benchmark::State& st) { bm_transfer(st, m, d2h, o, f); });
           b->UseManualTime()->Unit(benchmark::kMillisecond);
-          if (m == method::per_block)
+          if (m == method::per_block || m == method::per_head_2d)
             b->Iterations(2);
           else
             b->MinTime(0.3);

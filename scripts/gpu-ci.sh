@@ -2,6 +2,7 @@
 # On a GPU machine: CMake build, `ctest -L gpu` (plus the host suites), then the GPU benchmarks,
 # with logs, JSON and the rendered table under $OUT (default ./gpu-out).
 #   scripts/gpu-ci.sh [benchmark filter]
+# BEFORE=gpu-bench.json (a run on an earlier tree) adds the DMA-only fallback's before/after table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 filter=${1:-.}
@@ -36,6 +37,6 @@ fi
 echo "== kvortex-gpu-bench ($filter)"
 timeout "${BENCH_TIMEOUT:-400}" "$bench" --benchmark_filter="$filter" --benchmark_out="$OUT/gpu-bench.json" \
   --benchmark_out_format=json --benchmark_counters_tabular=true > "$OUT/bench.log" 2>&1 || rc=1
-python3 scripts/gpu-table.py "$OUT/gpu-bench.json" --png "$OUT/gpu-bench.png" > "$OUT/table.md" 2>&1
+python3 scripts/gpu-table.py "$OUT/gpu-bench.json" --png "$OUT/gpu-bench.png" ${BEFORE:+--before "$BEFORE"} > "$OUT/table.md" 2>&1
 cat "$OUT/table.md"
 exit $rc

@@ -2,7 +2,10 @@
 """Turns kvortex-gpu-bench JSON into Markdown tables (ours and every baseline as ratios to the
 contiguous-DMA limit measured in the same run) and, when matplotlib is present, a PNG chart.
 
-    python3 scripts/gpu-table.py gpu.json [--png gpu.png]
+    python3 scripts/gpu-table.py gpu.json [--png gpu.png] [--before before.json]
+
+With --before (a run of the same benchmark on an earlier tree), adds a table of the DMA-only
+fallback before and after, next to the DMA baselines of the later run.
 """
 import argparse
 import json
@@ -37,7 +40,7 @@ def transfer_table(rows):
     if not cells:
         return ""
     order = [m for m in ("ours_nhd", "ours_hnd", "ours_dma_only_nhd", "ours_dma_only_hnd", "contiguous",
-                         "per_block_memcpy", "memcpy_batch", "zero_copy_uva") if m in methods]
+                         "per_block_memcpy", "per_head_memcpy2d", "memcpy_batch", "zero_copy_uva") if m in methods]
     order += [m for m in methods if m not in order]
     out = ["| direction | block | limit GB/s | " + " | ".join(order) + " |",
            "|---|---|---|" + "---|" * len(order)]
@@ -54,6 +57,39 @@ def transfer_table(rows):
                 vals.append("-")
         out.append(f"| {d} | {s} | {limit:.1f} | " + " | ".join(vals) + " |")
     return "GB/s (ratio to one contiguous pinned cudaMemcpyAsync of the same bytes)\n\n" + "\n".join(out)
+
+
+def transfer_cells(rows):
+    cells = {}  # (method, dir, size) -> (GBps, ratio, limit)
+    for b in rows:
+        kind, m, d, s = split(b["name"])
+        if kind == "transfer":
+            cells[(m, d, s)] = (b.get("GBps", 0.0), b.get("ratio_to_limit", 0.0), b.get("limit_GBps", 0.0))
+    return cells
+
+
+def fallback_table(before, after):
+    """The DMA-only fallback per layout, before and after, beside the DMA baselines (later run)."""
+    b, a = transfer_cells(before), transfer_cells(after)
+    keys = sorted({(d, s) for (m, d, s) in a if m.startswith("ours_dma_only")},
+                  key=lambda k: (k[0], int("".join(c for c in k[1] if c.isdigit()) or 0)))
+    if not keys:
+        return ""
+    fmt = lambda c: f"{c[1]:.2f} ({c[0]:.1f})" if c else "-"
+    out = ["| direction | block | layout | limit GB/s | fallback before | fallback after | per_block_memcpy | "
+           "memcpy_batch | per_head_memcpy2d |", "|---|---|---|---|---|---|---|---|---|"]
+    for d, s in keys:
+        for lay in ("nhd", "hnd"):
+            m = "ours_dma_only_" + lay
+            if (m, d, s) not in a:
+                continue
+            limit = a[(m, d, s)][2]
+            base = [fmt(a.get((x, d, s))) for x in ("per_block_memcpy", "memcpy_batch")]
+            head = fmt(a.get(("per_head_memcpy2d", d, s))) if lay == "hnd" else "-"
+            out.append(f"| {d} | {s} | {lay.upper()} | {limit:.1f} | {fmt(b.get((m, d, s)))} | {fmt(a[(m, d, s)])} | "
+                       + " | ".join(base) + f" | {head} |")
+    return ("Ratio to one contiguous pinned cudaMemcpyAsync measured in the same run (GB/s); baselines from the "
+            "later run\n\n" + "\n".join(out))
 
 
 def interference_table(rows):
@@ -122,9 +158,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("json")
     ap.add_argument("--png")
+    ap.add_argument("--before")
     a = ap.parse_args()
     ctx, rows = load(a.json)
     print(f"Host: {ctx.get('host_name', '?')}, {ctx.get('num_cpus', '?')} CPUs, run {ctx.get('date', '?')}\n")
+    if a.before:
+        _, before = load(a.before)
+        t = fallback_table(before, rows)
+        if t:
+            print(f"### DMA-only fallback, before and after\n\n{t}\n")
     for title, t in (("Paged KV transfers", transfer_table(rows)),
                      ("Beside a cuBLAS bf16 GEMM 8192^3", interference_table(rows)),
                      ("Pinned pool start-up", pool_table(rows))):
