@@ -292,7 +292,7 @@ TEST_CASE("gpu: DMA-only reordering keeps the hints' order (retrieve releases th
   (void)cudaFreeHost(fresh);
 }
 
-TEST_CASE("gpu: retrieve releases the caller's stream; store waits for the caller's event") {
+TEST_CASE("gpu: retrieve releases the caller's stream, store waits for the caller's event") {
   KVG_REQUIRE_GPU();
   auto sched = cuda_transfer_scheduler::create(cuda_transfer_scheduler::options{});
   REQUIRE(sched.has_value());

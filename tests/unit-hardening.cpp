@@ -92,7 +92,7 @@ TEST_CASE("a layout whose layers share or overlap memory is refused as a destina
   }
 }
 
-TEST_CASE("interleaved cross-layer caches are disjoint; misdeclared strided ones are not") {
+TEST_CASE("interleaved cross-layer caches are disjoint, misdeclared strided ones are not") {
   const auto g = small_config().geometry;
   std::vector<std::byte> mem(g.num_layers * 2 * 4 * 16 * g.row_bytes());
   CHECK(kv_layout::cross_layer(mem.data(), g, 4, 16, /*blocks_outermost=*/true).value().layers_disjoint());
@@ -334,4 +334,47 @@ TEST_CASE("SipHash, the index hash without xxHash, matches the published vectors
   // The 1-3 variant differs from 2-4 and depends on the key.
   CHECK(detail::siphash<1, 3>(msg.data(), 16, k0, k1) != detail::siphash<2, 4>(msg.data(), 16, k0, k1));
   CHECK(detail::siphash<1, 3>(msg.data(), 16, k0, k1) != detail::siphash<1, 3>(msg.data(), 16, k0 ^ 1, k1));
+}
+
+TEST_CASE("a layered transfer dropped, or finished in error, returns only after its copies") {
+  using gated_engine = basic_engine<host_allocator, sha256_hasher, lru_eviction, cpu_backend, kvt::gated_scheduler>;
+  kvt::gated_scheduler gate;
+  auto e = gated_engine::create(small_config(), host_allocator{}, sha256_hasher::create().value(), lru_eviction{},
+                                cpu_backend{}, gate)
+               .value();
+  const auto toks = make_tokens(64, 15);
+  paged_cache src(e.config().geometry, 8, 16);
+  src.fill(toks, {});
+  auto stored = e.store(toks, src.layout()).value();
+  gate.release_all();
+  REQUIRE(stored.wait().value() == 64);
+
+  for (const bool drop : {true, false}) {
+    paged_cache dst(e.config().geometry, 8, 16);
+    auto r = e.begin_retrieve(toks, dst.layout()).value();
+    REQUIRE(r.submit_layer(0).has_value());
+    REQUIRE(gate.held() == 1);
+    std::atomic<bool> returned{false};
+    std::thread ender([&] {
+      if (drop) {
+        auto gone = std::move(r);
+      } else {
+        CHECK(r.finish().error().code == errc::invalid_argument);
+      }
+      returned = true;
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    CHECK_FALSE(returned.load());  // still waiting for the held copy of layer 0
+    gate.release_all();
+    ender.join();
+    CHECK(returned.load());
+    // Layer 0 landed before the call returned; nothing lands later.
+    std::size_t layer0_bad = 0;
+    for (std::size_t pos = 0; pos < 64; ++pos)
+      dst.for_each_byte(pos, {}, [&](std::size_t l, std::size_t p, std::size_t i, std::byte* b) {
+        if (l == 0) layer0_bad += *b != kvt::kv_byte(toks[pos], pos, l, p, i);
+      });
+    CHECK(layer0_bad == 0);
+    CHECK(gate.held() == 0);
+  }
 }

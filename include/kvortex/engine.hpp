@@ -594,7 +594,8 @@ class basic_engine {
 
  public:
   /// @brief A store or retrieve driven one layer at a time (see `begin_store`, `begin_retrieve`).
-  /// Move-only; destroying it before `finish` rolls a store back and unpins a retrieve's chunks.
+  /// Move-only; destroying it before `finish` rolls a store back and unpins a retrieve's chunks,
+  /// after waiting for the copies of layers already submitted (so none lands in the cache later).
   /// It may outlive its engine: once the engine is shut down, `submit_layer`, `submit_all` and
   /// `finish` fail with `errc::shut_down`, and destroying it is safe.
   class layered_transfer {
@@ -647,7 +648,8 @@ class basic_engine {
     /// @brief Ends the transfer; the ticket completes when every submitted copy has. A transfer
     /// that holds chunks but had a layer never submitted fails with `invalid_argument`: a store is
     /// rolled back, a retrieve's chunks are unpinned (the layers it did copy stay copied). After
-    /// the engine's shutdown, fails with `shut_down` (a store is rolled back).
+    /// the engine's shutdown, fails with `shut_down` (a store is rolled back). When it fails, it
+    /// returns only once the copies already submitted have completed.
     [[nodiscard]] result<transfer_ticket> finish() {
       if (!op_) return fail(errc::invalid_argument, "finish: the transfer was finished or moved from");
       auto op = std::move(op_);
@@ -665,7 +667,12 @@ class basic_engine {
       }
       transfer_ticket t(op->ticket);
       seal(op, missing);
-      if (missing) return std::unexpected(std::move(*missing));
+      if (missing) {
+        // No ticket goes back, so nothing else could wait for copies already submitted: they
+        // must not write into the caller's cache after this returns.
+        (void)t.wait();
+        return std::unexpected(std::move(*missing));
+      }
       return t;
     }
 
@@ -711,9 +718,12 @@ class basic_engine {
       return {};
     }
 
+    // Rolls back and waits for the copies already submitted, so none writes into the caller's
+    // cache once the transfer is gone.
     void abandon() noexcept {
       if (!op_) return;
       seal(op_, error{errc::invalid_argument, "the layered transfer was dropped before finish()"});
+      (void)transfer_ticket(op_->ticket).wait();
       op_.reset();
     }
 

@@ -48,14 +48,14 @@ struct engine_stats {
   std::uint64_t evictions{0};         ///< chunks evicted to make room
   std::uint64_t bytes_stored{0};      ///< bytes written into the store
   std::uint64_t bytes_loaded{0};      ///< bytes copied back out
-  std::uint64_t transfer_failures{0}; ///< batches that failed
+  std::uint64_t transfer_failures{0}; ///< transfers holding chunks that ended in error: a failed copy or commit, a layered transfer dropped or finished with layers missing
   std::uint64_t current_bytes{0};     ///< bytes held now, reserved chunks included
   std::uint64_t peak_bytes{0};        ///< most bytes ever held
   std::uint64_t capacity_bytes{0};    ///< the configured hard limit
   std::uint64_t chunks{0};            ///< chunks held now
   latency_histogram lookup_latency;   ///< lookup() wall time
-  latency_histogram store_latency;    ///< store(): call to completion
-  latency_histogram retrieve_latency; ///< retrieve(): call to completion
+  latency_histogram store_latency;    ///< store(), save_blocks() and layered stores (also dropped ones): call to completion
+  latency_histogram retrieve_latency; ///< retrieve() and layered retrieves: call to completion (not load_blocks)
 };
 
 namespace detail {
@@ -151,7 +151,7 @@ inline std::string render_prometheus(const engine_stats& s, std::string_view pre
   prom_metric(out, prefix, "evictions_total", "counter", "Chunks evicted to make room.", s.evictions);
   prom_metric(out, prefix, "stored_bytes_total", "counter", "Bytes written into the store.", s.bytes_stored);
   prom_metric(out, prefix, "loaded_bytes_total", "counter", "Bytes copied back out.", s.bytes_loaded);
-  prom_metric(out, prefix, "transfer_failures_total", "counter", "Transfer batches that failed.", s.transfer_failures);
+  prom_metric(out, prefix, "transfer_failures_total", "counter", "Transfers that ended in error.", s.transfer_failures);
   prom_metric(out, prefix, "bytes", "gauge", "Bytes held now.", s.current_bytes);
   prom_metric(out, prefix, "peak_bytes", "gauge", "Most bytes ever held.", s.peak_bytes);
   prom_metric(out, prefix, "capacity_bytes", "gauge", "Configured capacity.", s.capacity_bytes);
