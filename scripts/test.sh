@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # The full check, as CI runs it:
-#   1. Release build in build/: unit tests and examples through ctest (labels unit, example)
-#   2. ASan + UBSan Debug build of the tests in build-asan/: unit tests through ctest
-#   3. every public header compiled alone with g++ and clang++-19, -Werror
-#   4. consumer projects: find_package after install, add_subdirectory, FetchContent, pkg-config
+#   1. Release build in build/: unit, stress, disk and redis tests and the examples (ctest)
+#   2. ASan + UBSan Debug build in build-asan/: unit, disk and stress tests with LeakSanitizer on,
+#      then every example under LeakSanitizer (scripts/leak-check.sh)
+#   3. ThreadSanitizer build in build-tsan/: unit and stress tests (scripts/tsan.sh)
+#   4. libFuzzer targets in build-fuzz/: replay of seeds and regressions, then a bounded run of
+#      each target (scripts/fuzz.sh, FUZZ_SECONDS each, default 40 here)
+#   5. every public header compiled alone with g++ and clang++-19, -Werror
+#   6. consumer projects: find_package after install, add_subdirectory, FetchContent, pkg-config
+# KVORTEX_STRESS_SECONDS (default 8 in the Release run, 3 under the sanitizers) bounds each
+# stress case.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,18 +29,29 @@ if grep -rlE --include=link.txt '(^| )(-lcuda|[^ ]*/libcuda\.so[.0-9]*)( |$)' bu
   exit 1
 fi
 
-step "unit tests and examples (Release)"
-ctest --test-dir build --output-on-failure -j "${jobs}" -L 'unit|example'
+step "unit, stress, disk and redis tests and examples (Release)"
+KVORTEX_STRESS_SECONDS="${KVORTEX_STRESS_SECONDS:-8}" \
+  ctest --test-dir build --output-on-failure -j "${jobs}" -L 'unit|example|stress|disk|redis'
 
 step "ASan + UBSan build (build-asan/)"
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DKVORTEX_SANITIZE=ON \
-  -DKVORTEX_BUILD_TESTS=ON -DKVORTEX_BUILD_EXAMPLES=OFF -DKVORTEX_BUILD_BENCHMARKS=OFF
+  -DKVORTEX_BUILD_TESTS=ON -DKVORTEX_BUILD_EXAMPLES=ON -DKVORTEX_BUILD_BENCHMARKS=OFF
 cmake --build build-asan -j "${jobs}"
 
-step "unit tests (ASan + UBSan)"
+step "unit, disk and stress tests (ASan + UBSan + LeakSanitizer)"
 ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:strict_string_checks=1}" \
 UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}" \
-  ctest --test-dir build-asan --output-on-failure -j "${jobs}" -L unit
+KVORTEX_STRESS_SECONDS="${KVORTEX_STRESS_SECONDS:-3}" \
+  ctest --test-dir build-asan --output-on-failure -j "${jobs}" -L 'unit|disk|stress'
+
+step "examples under LeakSanitizer"
+LEAK_CHECK_BUILD_DIR=build-asan JOBS="${jobs}" bash scripts/leak-check.sh --examples-only
+
+step "ThreadSanitizer: unit and stress tests (build-tsan/)"
+JOBS="${jobs}" bash scripts/tsan.sh
+
+step "fuzz targets (build-fuzz/)"
+FUZZ_SECONDS="${FUZZ_SECONDS:-40}" FUZZ_JOBS="${jobs}" bash scripts/fuzz.sh
 
 step "header self-containment (g++, clang++-19)"
 bash scripts/check-headers.sh g++ clang++-19
