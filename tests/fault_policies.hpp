@@ -286,7 +286,7 @@ class async_scheduler {
             ctl->completion_order.push_back(b.id);
           }
           b.done(b.fails ? injected_transfer_failure(b.id) : kvortex::result<void>{});
-          b.done = nullptr;  // the engine's state it captured goes before drain() may return
+          b.done = nullptr;  // what it captured is released before drain() can return
         }
         lk.lock();
         busy = 0;

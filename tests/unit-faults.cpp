@@ -718,7 +718,7 @@ TEST_CASE("faults: an eviction policy naming keys the engine did not ask for") {
     REQUIRE(store_wait(e, old.back(), i).value() == 32);
   }
   const auto q = make_tokens(64, 70);
-  std::size_t expect_lost = 0;  // old prompts a correct eviction may still take
+  std::size_t expect_lost = 0;  // old prompts the subcase evicts legitimately
 
   SUBCASE("keys never stored") {
     ctl.eviction->mode = broken_eviction::fault::foreign_keys;

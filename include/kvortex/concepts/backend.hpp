@@ -41,7 +41,8 @@ struct allocator_archetype {
 /// `save_blocks` places a chunk (after evicting, if the byte budget requires); `data` without the
 /// lock, while a transfer builds its copies (the chunk is reserved or pinned, so it cannot go);
 /// `commit` without the lock, once per chunk, by the thread that completes a store's last copy,
-/// before the chunk becomes readable (a failed commit rolls that chunk back and fails the store);
+/// before the chunk becomes readable (a failed commit rolls back that chunk and the store's chunks
+/// after it, and fails the store; the complete chunks before it stay readable);
 /// `release` under the exclusive index lock, when a chunk is evicted or replaced, when a store is
 /// rolled back (also for chunks never committed), and for every chunk at shutdown.
 ///
