@@ -378,3 +378,19 @@ TEST_CASE("a layered transfer dropped, or finished in error, returns only after 
     CHECK(gate.held() == 0);
   }
 }
+
+TEST_CASE("cross_layer validates its sizes before computing a pointer or allocating") {
+  alignas(64) static std::byte t[64];
+  const kv_geometry wraps{.num_layers = 3, .kv_planes = 2, .kv_heads = 1, .head_dim = 1, .element_bytes = 0xFFFFFFFFu};
+  const auto a = kv_layout::cross_layer(t, wraps, 0, ~std::size_t{0}, true);
+  REQUIRE_FALSE(a);
+  CHECK(a.error().code == errc::invalid_layout);
+  const kv_geometry zero_dims{.num_layers = 0xFFFFFFFFu};
+  const auto b = kv_layout::cross_layer(t, zero_dims, 0, 0);
+  REQUIRE_FALSE(b);
+  CHECK(b.error().code == errc::invalid_layout);
+  const kv_geometry many{.num_layers = kv_layout::max_layers + 1, .kv_planes = 1, .kv_heads = 1, .head_dim = 1, .element_bytes = 1};
+  const auto c = kv_layout::cross_layer(t, many, 1, 1);
+  REQUIRE_FALSE(c);
+  CHECK(c.error().message.find("more than 65536") != std::string::npos);
+}

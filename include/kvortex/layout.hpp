@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <new>
 #include <span>
 #include <string>
 #include <utility>
@@ -35,6 +36,9 @@ enum class kv_order : std::uint8_t {
 /// the engine checks it again against its own geometry before any copy.
 class kv_layout {
  public:
+  /// @brief The most layers `cross_layer` builds pointers for (real models have a few hundred).
+  static constexpr std::uint32_t max_layers = 65536;
+
   /// @brief A contiguous cache per layer, `[planes][max_tokens][kv_heads][head_dim]`, as used by
   /// simple C++ servers; block tables may be left empty (identity).
   [[nodiscard]] static result<kv_layout> contiguous(std::span<std::byte* const> layer_ptrs,
@@ -111,12 +115,25 @@ class kv_layout {
                                                      std::size_t block_tokens, bool blocks_outermost = false) {
     if (base == nullptr) return fail(errc::invalid_layout, "cross_layer layout: base pointer is null");
     if (auto v = check_sizes(g, num_blocks, block_tokens, 0, "cross_layer"); !v) return std::unexpected(v.error());
+    // Checked before any pointer is computed from them.
+    if (g.num_layers == 0 || num_blocks == 0 || block_tokens == 0 || g.kv_heads == 0 || g.head_dim == 0 ||
+        g.element_bytes == 0 || (g.kv_planes != 1 && g.kv_planes != 2))
+      return fail(errc::invalid_layout, "cross_layer layout: num_layers, num_blocks, block_tokens, kv_heads, head_dim and "
+                                        "element_bytes must be > 0 and kv_planes 1 or 2");
+    if (g.num_layers > max_layers)
+      return fail(errc::invalid_layout, "cross_layer layout: " + std::to_string(g.num_layers) + " layers, more than " +
+                                            std::to_string(max_layers));
     const std::size_t row = g.row_bytes();
     const std::size_t plane_block = block_tokens * row;  // one plane of one block of one layer
     const std::size_t layer_block = g.kv_planes * plane_block;
     const std::size_t total = std::size_t{g.num_layers} * num_blocks * layer_block;
     const std::size_t layer_step = blocks_outermost ? layer_block : num_blocks * layer_block;
-    std::vector<std::byte*> ptrs(g.num_layers);
+    std::vector<std::byte*> ptrs;
+    try {
+      ptrs.resize(g.num_layers);
+    } catch (const std::bad_alloc&) {
+      return fail(errc::out_of_memory, "cross_layer layout: cannot hold " + std::to_string(g.num_layers) + " layer pointers");
+    }
     for (std::size_t l = 0; l < ptrs.size(); ++l) ptrs[l] = base + l * layer_step;
     strides s{};
     s.plane = static_cast<std::int64_t>(blocks_outermost ? plane_block : num_blocks * plane_block);
@@ -322,7 +339,8 @@ class kv_layout {
     for (const std::uint64_t f : {std::uint64_t{g.kv_heads}, std::uint64_t{g.head_dim}, std::uint64_t{g.element_bytes},
                                   std::uint64_t{g.kv_planes}, std::uint64_t{g.num_layers}, std::uint64_t{num_blocks},
                                   std::uint64_t{block_tokens}}) {
-      if (f != 0 && product > limit / f)
+      if (f == 0) continue;  // zeros are refused later; they must not hide the other factors' size
+      if (product > limit / f)
         return fail(errc::invalid_layout, std::string(kind) + " layout: sizes too large (" + std::to_string(num_blocks) +
                                               " blocks of " + std::to_string(block_tokens) + " tokens)");
       product *= f;
@@ -386,7 +404,17 @@ class kv_layout {
 
   static result<kv_layout> make(std::span<std::byte* const> layer_ptrs, const kv_geometry& g,
                                 std::size_t num_blocks, std::size_t block_tokens, strides s,
-                                std::size_t layer_bytes, std::string kind) {
+                                std::size_t layer_bytes, std::string kind) noexcept {
+    try {
+      return make_checked(layer_ptrs, g, num_blocks, block_tokens, s, layer_bytes, std::move(kind));
+    } catch (const std::bad_alloc&) {
+      return fail(errc::out_of_memory, "layout: cannot allocate the descriptor");
+    }
+  }
+
+  static result<kv_layout> make_checked(std::span<std::byte* const> layer_ptrs, const kv_geometry& g,
+                                        std::size_t num_blocks, std::size_t block_tokens, strides s,
+                                        std::size_t layer_bytes, std::string kind) {
     const auto bad = [&](std::string m) { return fail(errc::invalid_layout, kind + " layout: " + std::move(m)); };
     if (layer_ptrs.empty()) return bad("no layer pointers");
     if (layer_ptrs.size() != g.num_layers)

@@ -886,6 +886,7 @@ class harness {
     if (outcome && !*outcome) kvfuzz::check_error(outcome->error(), "a layered transfer's ticket");
     const bool ok = outcome && outcome->has_value();
     const errc code = ok ? errc::internal : (t ? outcome->error().code : t.error().code);
+    if (!ok) trace("  -> " + std::string(kvortex::to_string(code)) + (t ? " (from the ticket)" : ""));
     if (cut_off) {
       KVFUZZ_CHECK(!ok, "finish() of a transfer cut off by shutdown() succeeded");
       KVFUZZ_CHECK(code == errc::shut_down, std::string("finish() after shutdown(): ") + std::string(kvortex::to_string(code)));
