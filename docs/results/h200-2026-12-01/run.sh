@@ -25,7 +25,11 @@ p1=$!
 g++ "${flags[@]}" "${inc[@]}" -DKVORTEX_WITH_NVRTC=1 benchmarks/gpu-bench-transfer.cpp -o $B/bench-after "${libs[@]}" -lnvrtc -lcublas \
   -lbenchmark_main -lbenchmark > $B/build-after.log 2>&1 &
 p2=$!
-# The scheduler before this change: its header comes first on the include path.
+# The scheduler before this change (commit 7397153), first on the include path. Extract it here
+# before copying the tree to the GPU machine:
+#   mkdir -p docs/results/h200-2026-12-01/before/include/kvortex/schedulers && git show \
+#     7397153:include/kvortex/schedulers/cuda_transfer_scheduler.hpp > $_/cuda_transfer_scheduler.hpp
+[ -f $D/before/include/kvortex/schedulers/cuda_transfer_scheduler.hpp ] || echo "no before/ header: see run.sh"
 g++ "${flags[@]}" -I$D/before/include "${inc[@]}" -DKVORTEX_WITH_NVRTC=1 benchmarks/gpu-bench-transfer.cpp -o $B/bench-before "${libs[@]}" \
   -lnvrtc -lcublas -lbenchmark_main -lbenchmark > $B/build-before.log 2>&1 &
 p3=$!

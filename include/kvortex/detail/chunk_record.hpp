@@ -18,15 +18,7 @@
 #include <string_view>
 #include <vector>
 
-#ifndef XXH_INLINE_ALL
-#define XXH_INLINE_ALL
-#define KVORTEX_XXH_INLINE_ALL_DEFINED_HERE
-#endif
-#include <xxhash.h>
-#ifdef KVORTEX_XXH_INLINE_ALL_DEFINED_HERE
-#undef XXH_INLINE_ALL
-#undef KVORTEX_XXH_INLINE_ALL_DEFINED_HERE
-#endif
+#include "kvortex/detail/xxhash_include.hpp"
 
 #include "kvortex/types.hpp"
 

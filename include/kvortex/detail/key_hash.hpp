@@ -14,16 +14,10 @@
 #include <cstring>
 #include <random>
 
-#if !defined(KVORTEX_KEY_HASH_SIPHASH) && (defined(KVORTEX_WITH_XXHASH) || __has_include(<xxhash.h>))
+#ifndef KVORTEX_KEY_HASH_SIPHASH
+#include "kvortex/detail/xxhash_include.hpp"
+#ifdef KVORTEX_HAS_XXHASH
 #define KVORTEX_KEY_HASH_XXH3 1
-#ifndef XXH_INLINE_ALL
-#define XXH_INLINE_ALL
-#define KVORTEX_XXH_INLINE_ALL_DEFINED_HERE
-#endif
-#include <xxhash.h>
-#ifdef KVORTEX_XXH_INLINE_ALL_DEFINED_HERE
-#undef XXH_INLINE_ALL
-#undef KVORTEX_XXH_INLINE_ALL_DEFINED_HERE
 #endif
 #endif
 

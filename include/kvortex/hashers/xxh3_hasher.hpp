@@ -12,15 +12,7 @@
 #include <span>
 #include <string_view>
 
-#ifndef XXH_INLINE_ALL
-#define XXH_INLINE_ALL
-#define KVORTEX_XXH_INLINE_ALL_DEFINED_HERE
-#endif
-#include <xxhash.h>
-#ifdef KVORTEX_XXH_INLINE_ALL_DEFINED_HERE
-#undef XXH_INLINE_ALL
-#undef KVORTEX_XXH_INLINE_ALL_DEFINED_HERE
-#endif
+#include "kvortex/detail/xxhash_include.hpp"
 
 #include "kvortex/concepts/hasher.hpp"
 #include "kvortex/detail/token_bytes.hpp"
