@@ -6,4 +6,5 @@
 #include "kvortex/concepts/backend.hpp"
 #include "kvortex/concepts/eviction_policy.hpp"
 #include "kvortex/concepts/hasher.hpp"
+#include "kvortex/concepts/storage_tier.hpp"
 #include "kvortex/concepts/transfer_scheduler.hpp"

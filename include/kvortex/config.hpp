@@ -2,6 +2,7 @@
 /// @file config.hpp
 /// @brief Engine configuration: the namespace that isolates keys, the model's KV geometry, limits.
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -41,6 +42,52 @@ struct kv_geometry {
   friend constexpr bool operator==(const kv_geometry&, const kv_geometry&) = default;
 };
 
+/// @brief When chunks flow from host memory down to the storage tiers of a `tiered_backend`.
+enum class write_policy : std::uint8_t {
+  write_through,  ///< every stored chunk is queued for the tiers below as soon as it is readable
+  write_back,     ///< a chunk goes down only when evicted from host memory (and not already below)
+};
+
+/// @brief How an engine with storage tiers below host memory (`tiered_backend`) moves chunks.
+/// Ignored by engines whose backend has no tiers.
+struct tiering_config {
+  write_policy write{write_policy::write_through};
+  /// Demotions waiting for a tier thread, at most. A store never waits for one: a demotion that
+  /// finds the queue full is dropped and counted (`tier_report::demotions_dropped`).
+  std::size_t demotion_queue_chunks{4096};
+  /// Bytes of host memory queued demotions may hold, at most (write-through: the chunks stay
+  /// pinned in the cache until written; write-back: evicted chunks' memory is kept until written).
+  std::size_t demotion_queue_bytes{std::size_t{1} << 30};
+  /// Background threads writing demotions and running prefetches; 1 to 64.
+  unsigned tier_threads{2};
+  /// How long a retrieve (or `prefetch`) may spend bringing chunks up from the tiers below; after
+  /// it, the prefix already in host memory is served. Also bounds the wait for a chunk another
+  /// call is bringing up.
+  std::chrono::milliseconds promotion_timeout{2000};
+  /// Chunks read from a tier per batch (one pipelined round trip to Redis, one queue of reads on
+  /// disk); the copy of one batch into the caller's cache overlaps the read of the next.
+  std::size_t promotion_batch_chunks{4};
+  /// At shutdown, finish the demotions already queued (bounded by each tier's own timeouts)
+  /// instead of dropping them.
+  bool drain_on_shutdown{true};
+
+  /// @brief Checks every field; the error names the first bad one.
+  [[nodiscard]] result<void> validate() const {
+    if (write != write_policy::write_through && write != write_policy::write_back)
+      return fail(errc::invalid_config, "tiering.write is not a write_policy value");
+    if (demotion_queue_chunks == 0) return fail(errc::invalid_config, "tiering.demotion_queue_chunks must be > 0");
+    if (tier_threads == 0 || tier_threads > 64)
+      return fail(errc::invalid_config, "tiering.tier_threads must be in [1, 64], got " + std::to_string(tier_threads));
+    if (promotion_timeout.count() < 0 || promotion_timeout > std::chrono::hours(1))
+      return fail(errc::invalid_config, "tiering.promotion_timeout must be in [0, 1 h], got " +
+                                            std::to_string(promotion_timeout.count()) + " ms");
+    if (promotion_batch_chunks == 0 || promotion_batch_chunks > 4096)
+      return fail(errc::invalid_config, "tiering.promotion_batch_chunks must be in [1, 4096], got " +
+                                            std::to_string(promotion_batch_chunks));
+    return {};
+  }
+};
+
 /// @brief How an engine is built. `validate()` is called by `create()`.
 struct engine_config {
   kv_namespace ns;
@@ -57,6 +104,7 @@ struct engine_config {
   /// while the rest is planned; 0 hands it over in one batch.
   std::size_t transfer_batch_bytes{std::size_t{32} << 20};
   int numa_node{-1};                   ///< node for host memory; -1 leaves it to the allocator
+  tiering_config tiering;              ///< data flow to and from the tiers of a `tiered_backend`
 
   /// @brief The most `transfer_threads` a configuration may ask for.
   static constexpr unsigned max_transfer_threads = 256;
@@ -104,7 +152,7 @@ struct engine_config {
       return fail(errc::invalid_config, "capacity_bytes (" + std::to_string(capacity_bytes) +
                                             ") is smaller than one chunk (" +
                                             std::to_string(chunk_bytes()) + " bytes)");
-    return {};
+    return tiering.validate();
   }
 };
 

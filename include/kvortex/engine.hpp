@@ -21,8 +21,11 @@
 #include <utility>
 #include <vector>
 
+#include "kvortex/backends/tiered_backend.hpp"
 #include "kvortex/concepts.hpp"
 #include "kvortex/config.hpp"
+#include "kvortex/detail/chunk_index.hpp"
+#include "kvortex/detail/tier_pipeline.hpp"
 #include "kvortex/error.hpp"
 #include "kvortex/layout.hpp"
 #include "kvortex/stats.hpp"
@@ -51,6 +54,18 @@ class block_mask {
  private:
   std::vector<std::uint64_t> words_;
   std::size_t size_{0};
+};
+
+/// @brief Where the leading tokens of a prompt are, as `lookup_tiers` reports it.
+struct tiered_lookup {
+  /// @brief One storage tier's share of the hit.
+  struct tier_hit {
+    std::string_view tier;  ///< the tier's name ("disk", "redis")
+    std::size_t tokens{0};  ///< tokens of the hit this tier holds, after memory and the tiers above
+  };
+  std::size_t tokens{0};         ///< leading tokens stored anywhere: `lookup`'s answer
+  std::size_t memory_tokens{0};  ///< of which in host memory (the first ones)
+  std::vector<tier_hit> tiers;   ///< the rest, per storage tier, highest first (empty without tiers)
 };
 
 namespace detail {
@@ -116,6 +131,26 @@ inline std::vector<std::byte> namespace_seed(const engine_config& c) {
   num(c.chunk_tokens);
   return out;
 }
+
+}  // namespace detail
+
+/// @brief The namespace digest to give the storage tiers of an engine built from `cfg` with hasher
+/// `H` (`disk_tier_config::ns`, `redis_tier_config::ns`): the root of the engine's key chains, so
+/// every record a tier keeps names the model, dtype, layout, rank and salt it belongs to, and
+/// a tier shared with an engine of another namespace never serves it. Fails only when `H`
+/// cannot be built from `cfg`.
+template <hasher H>
+[[nodiscard]] result<namespace_digest> tier_namespace(const engine_config& cfg) {
+  auto h = detail::make_policy<H>(cfg);
+  if (!h) return std::unexpected(h.error());
+  const auto seed = detail::namespace_seed(cfg);
+  const chunk_key root = h->root(seed);
+  namespace_digest out{};
+  std::memcpy(out.data(), root.bytes.data(), out.size());
+  return out;
+}
+
+namespace detail {
 
 /// Shared by an engine and every operation it started, so an operation that outlives the engine
 /// learns that it is gone instead of touching freed state. `active` counts the submissions and
@@ -220,6 +255,21 @@ class basic_engine {
     return create(cfg, std::move(*a), std::move(*h), std::move(*e), std::move(*b), std::move(*s));
   }
 
+  /// @brief Validates `cfg`, takes `b` as the backend and builds the other policies from `cfg`;
+  /// the way to make an engine over a `tiered_backend` whose tiers the caller opened.
+  [[nodiscard]] static result<basic_engine> create(const engine_config& cfg, Backend b) {
+    if (auto v = cfg.validate(); !v) return std::unexpected(v.error());
+    auto a = detail::make_policy<Allocator>(cfg);
+    if (!a) return std::unexpected(a.error());
+    auto h = detail::make_policy<Hasher>(cfg);
+    if (!h) return std::unexpected(h.error());
+    auto e = detail::make_policy<EvictionPolicy>(cfg);
+    if (!e) return std::unexpected(e.error());
+    auto s = detail::make_policy<TransferScheduler>(cfg);
+    if (!s) return std::unexpected(s.error());
+    return create(cfg, std::move(*a), std::move(*h), std::move(*e), std::move(b), std::move(*s));
+  }
+
   /// @brief Validates `cfg` and takes the given policy instances.
   [[nodiscard]] static result<basic_engine> create(const engine_config& cfg, Allocator a, Hasher h,
                                                    EvictionPolicy e, Backend b, TransferScheduler s) {
@@ -228,9 +278,17 @@ class basic_engine {
     try {
       out.s_ = std::make_unique<state>(cfg, std::move(a), std::move(h), std::move(e), std::move(b), std::move(s));
       out.link_ = std::make_shared<detail::engine_link>();
+      if constexpr (tiered) out.s_->pipeline = std::make_unique<pipeline_type>(cfg.tiering, out.s_->index, out.s_->backend);
     } catch (const std::bad_alloc&) {
       out.s_.reset();
       return fail(errc::out_of_memory, "create: cannot allocate the engine's state");
+    }
+    if constexpr (tiered) {
+      if (auto r = out.s_->pipeline->start(); !r) {
+        out.s_->pipeline.reset();
+        out.s_.reset();
+        return std::unexpected(r.error());
+      }
     }
     return out;
   }
@@ -255,46 +313,86 @@ class basic_engine {
   /// @brief The chain of keys of `tokens`: one per full chunk, plus the trailing partial chunk when
   /// `store_partial_chunks` is set.
   [[nodiscard]] result<std::vector<chunk_key>> chunk_keys(std::span<const token_id> tokens) const {
-    if (!s_ || s_->stopped.load(std::memory_order_acquire)) return stopped_error("chunk_keys");
+    if (!s_ || s_->index.stopped().load(std::memory_order_acquire)) return stopped_error("chunk_keys");
     if (tokens.empty()) return fail(errc::invalid_argument, "chunk_keys: empty token list");
     return keys_of(tokens);
   }
 
   /// @brief How many leading tokens of `tokens` are stored: walks the chunk chain and stops at the
-  /// first chunk that is missing or still being written. Does not change eviction order. After a
-  /// first-chunk hit it hashes every chunk before probing, so a partial hit hashes a few chunks
-  /// in vain; that is cheaper than taking the index lock once per chunk.
+  /// first chunk that is missing or still being written. With storage tiers (`tiered_backend`)
+  /// the walk goes on below where host memory stops, one batched probe per tier (one pipelined
+  /// round trip to Redis for all the remaining keys), so the answer is what a `retrieve` can bring
+  /// back (a chunk a tier lists but then fails to deliver ends that retrieve's hit early). Does
+  /// not change eviction order. After a first-chunk hit in memory it hashes every chunk before
+  /// probing, so a partial hit hashes a few chunks in vain; that is cheaper than taking the index
+  /// lock once per chunk.
   [[nodiscard]] result<std::size_t> lookup(std::span<const token_id> tokens) const {
-    if (!s_) return stopped_error("lookup");
-    if (tokens.empty()) return fail(errc::invalid_argument, "lookup: empty token list");
-    const auto t0 = detail::clock::now();
-    auto& st = *s_;
-    if (st.stopped.load(std::memory_order_acquire)) return stopped_error("lookup");
-    const std::size_t n = chunk_count(tokens.size());
-    // The first chunk alone, then the rest in one batch under one lock: a miss costs one hash,
-    // a hit pays the lock once instead of once per chunk.
-    thread_local std::vector<chunk_key> keys;
-    keys.resize(n);
-    std::size_t hit = 0, hit_tokens = 0;
-    const auto walk = [&](std::size_t end) {
-      for (std::size_t i = hit; i < end; ++i) keys[i] = st.hasher.chain(i == 0 ? st.root : keys[i - 1], chunk_tokens_of(tokens, i));
-      std::shared_lock lk(st.mu);
-      for (; hit < end; ++hit) {
-        const std::size_t ntok = chunk_tokens_of(tokens, hit).size();
-        const auto it = st.index.find(keys[hit]);
-        if (it == st.index.end() || !it->second.ready || it->second.bytes != chunk_bytes(ntok)) return false;
-        hit_tokens += ntok;
+    auto r = lookup_impl(tokens, nullptr);
+    if (!r) return std::unexpected(r.error());
+    return *r;
+  }
+
+  /// @brief As `lookup`, and says how many of the hit tokens each tier holds. Counts as a lookup.
+  [[nodiscard]] result<tiered_lookup> lookup_tiers(std::span<const token_id> tokens) const {
+    tiered_lookup out;
+    auto r = lookup_impl(tokens, &out);
+    if (!r) return std::unexpected(r.error());
+    return out;
+  }
+
+  /// @brief Brings the stored prefix of `tokens` up from the storage tiers into host memory ahead
+  /// of its request, on a tier thread, within `tiering.promotion_timeout`. The ticket yields the
+  /// leading tokens in host memory when it is done (the chunks are not pinned: a later retrieve
+  /// may still find some evicted). Without storage tiers it completes at once with the leading
+  /// tokens in memory. Fails with `capacity_exhausted` when too many prefetches are waiting.
+  [[nodiscard]] result<transfer_ticket> prefetch(std::span<const token_id> tokens) {
+    if (!s_ || s_->index.stopped().load(std::memory_order_acquire)) return stopped_error("prefetch");
+    if (tokens.empty()) return fail(errc::invalid_argument, "prefetch: empty token list");
+    auto keys = keys_of(tokens);
+    std::vector<std::size_t> sizes(keys.size());
+    std::vector<std::size_t> ntoks(keys.size());
+    for (std::size_t i = 0; i < keys.size(); ++i) {
+      ntoks[i] = chunk_tokens_of(tokens, i).size();
+      sizes[i] = chunk_bytes(ntoks[i]);
+    }
+    auto ticket = std::make_shared<detail::ticket_state>();
+    state* st = s_.get();
+    if constexpr (!tiered) {
+      std::size_t t = 0;
+      {
+        std::shared_lock lk(st->index.mutex());
+        for (std::size_t c = 0; c < keys.size() && st->index.usable_locked(keys[c], sizes[c]); ++c) t += ntoks[c];
       }
-      return true;
-    };
-    if (n > 0 && walk(1)) walk(n);
-    st.lookups.fetch_add(1, std::memory_order_relaxed);
-    st.hit_chunks.fetch_add(hit, std::memory_order_relaxed);
-    st.miss_chunks.fetch_add(n - hit, std::memory_order_relaxed);
-    st.hit_tokens.fetch_add(hit_tokens, std::memory_order_relaxed);
-    st.queried_tokens.fetch_add(tokens.size(), std::memory_order_relaxed);
-    st.lookup_latency.record(detail::elapsed_ns(t0));
-    return hit_tokens;
+      ticket->complete(t);
+    } else {
+      const auto deadline = detail::clock::now() + st->cfg.tiering.promotion_timeout;
+      auto job = [st, ticket, deadline, keys = std::move(keys), sizes = std::move(sizes), ntoks = std::move(ntoks)](bool run) mutable {
+        if (!run) {
+          ticket->complete(fail(errc::shut_down, "prefetch: the engine was shut down"));
+          return;
+        }
+        st->pipeline->count_prefetch();
+        std::size_t c = 0, t = 0;
+        {
+          std::shared_lock lk(st->index.mutex());
+          for (; c < keys.size() && st->index.usable_locked(keys[c], sizes[c]); ++c) t += ntoks[c];
+        }
+        const auto p = st->pipeline->promote(keys, sizes, c, deadline, /*keep_pinned=*/false,
+                                             [](std::span<const reservation>) {});
+        for (std::size_t i = c; i < c + p.chunks; ++i) t += ntoks[i];
+        ticket->complete(t);
+      };
+      if (auto r = st->pipeline->post(std::move(job)); !r) return std::unexpected(r.error());
+    }
+    return transfer_ticket(std::move(ticket));
+  }
+
+  /// @brief Waits until every demotion queued so far has been written to the storage tiers (or
+  /// dropped); returns at once without tiers. For tests, checkpoints and orderly handovers.
+  void flush() {
+    if constexpr (tiered) {
+      if (s_ && s_->pipeline) s_->pipeline->flush();
+    }
   }
 
   class layered_transfer;
@@ -323,9 +421,10 @@ class basic_engine {
   [[nodiscard]] result<transfer_ticket> retrieve(std::span<const token_id> tokens, const kv_layout& dst,
                                                  std::span<const std::int32_t> block_table = {},
                                                  const transfer_hints& hints = {}) {
-    auto op = begin_retrieve(tokens, dst, block_table);
+    // Pipelined: each chunk's copies are submitted as soon as it is in memory, so the copies of
+    // chunks brought up from a tier overlap the reads of the next ones.
+    auto op = begin_retrieve_impl(tokens, dst, block_table, &hints);
     if (!op) return std::unexpected(op.error());
-    if (auto r = op->submit_all(hints); !r) return std::unexpected(r.error());
     return op->finish();
   }
 
@@ -362,36 +461,7 @@ class basic_engine {
   /// forward pass can start on layer 0 while later layers are still in flight.
   [[nodiscard]] result<layered_transfer> begin_retrieve(std::span<const token_id> tokens, const kv_layout& dst,
                                                         std::span<const std::int32_t> block_table = {}) {
-    if (!s_) return stopped_error("retrieve");
-    const auto t0 = detail::clock::now();
-    if (tokens.empty()) return fail(errc::invalid_argument, "retrieve: empty token list");
-    if (auto v = check_layout(dst, "retrieve"); !v) return std::unexpected(v.error());
-    // Two copies writing the same bytes would race (and the last one would win at random).
-    if (auto v = dst.check_destination(); !v) return fail(v.error().code, "retrieve: " + v.error().message);
-    if (auto v = dst.check_table(block_table, tokens.size(), /*distinct=*/true); !v)
-      return fail(v.error().code, "retrieve: " + v.error().message);
-    auto keys = keys_of(tokens);
-    keys.resize(usable_chunks(tokens.size(), dst));
-    auto& st = *s_;
-    auto op = new_operation(false, t0, &st.retrieve_latency);
-    op->layout = dst;
-    op->table.assign(block_table.begin(), block_table.end());
-    {
-      std::unique_lock lk(st.mu);
-      if (st.stopped.load(std::memory_order_relaxed)) return stopped_error("retrieve");
-      for (std::size_t i = 0; i < keys.size(); ++i) {
-        const std::size_t ntok = chunk_tokens_of(tokens, i).size();
-        const auto it = st.index.find(keys[i]);
-        if (it == st.index.end() || !it->second.ready || it->second.bytes != chunk_bytes(ntok)) break;
-        ++it->second.pins;
-        st.eviction.on_access(it->first);
-        op->chunks.push_back({{i, it->first, it->second.handle, it->second.bytes}, i * st.cfg.chunk_tokens, ntok});
-        op->value += ntok;
-      }
-    }
-    st.hit_chunks.fetch_add(op->chunks.size(), std::memory_order_relaxed);
-    st.miss_chunks.fetch_add(keys.size() - op->chunks.size(), std::memory_order_relaxed);
-    return layered_transfer(std::move(op));
+    return begin_retrieve_impl(tokens, dst, block_table, nullptr);
   }
 
   /// @brief Stores `sizes[i]` bytes at `ptrs[i]` under `keys[i]`; synchronous. Keys already
@@ -428,25 +498,24 @@ class basic_engine {
     auto& st = *s_;
     auto op = new_operation(false, t0, nullptr);
     {
-      std::unique_lock lk(st.mu);
-      if (st.stopped.load(std::memory_order_relaxed)) return stopped_error("load_blocks");
+      std::unique_lock lk(st.index.mutex());
+      if (st.index.stopped().load(std::memory_order_relaxed)) return stopped_error("load_blocks");
       for (std::size_t i = 0; i < keys.size(); ++i) {
-        const auto it = st.index.find(keys[i]);
+        const auto* e = st.index.find_locked(keys[i]);
         std::optional<error> err;
-        if (it == st.index.end() || !it->second.ready)
+        if (e == nullptr || !e->ready)
           err = error{errc::not_found, "load_blocks: key " + std::to_string(i) + " (" + keys[i].hex() + ") is not stored"};
-        else if (it->second.bytes != sizes[i])
+        else if (e->bytes != sizes[i])
           err = error{errc::size_mismatch, "load_blocks: key " + std::to_string(i) + " holds " +
-                                               std::to_string(it->second.bytes) + " bytes, destination has " +
+                                               std::to_string(e->bytes) + " bytes, destination has " +
                                                std::to_string(sizes[i])};
-        if (err) {
-          for (const auto& c : op->chunks) --st.index.find(c.r.key)->second.pins;
-          return std::unexpected(std::move(*err));
-        }
-        ++it->second.pins;
-        op->chunks.push_back({{i, it->first, it->second.handle, it->second.bytes}, 0, 0});
+        if (err) return std::unexpected(std::move(*err));
       }
-      for (const auto& c : op->chunks) st.eviction.on_access(c.r.key);
+      // All present: only now pinned (and touched), so a rejected call changes nothing.
+      for (std::size_t i = 0; i < keys.size(); ++i) {
+        const auto* pinned = st.index.pin_locked(keys[i], sizes[i]);
+        op->chunks.push_back({{i, keys[i], pinned->handle, pinned->bytes}, 0, 0});
+      }
     }
     st.hit_chunks.fetch_add(op->chunks.size(), std::memory_order_relaxed);
     std::vector<copy_op> ops;
@@ -463,13 +532,13 @@ class basic_engine {
     if (!s_) return stopped_error("check_blocks");
     if (keys.empty()) return fail(errc::invalid_argument, "check_blocks: empty key list");
     auto& st = *s_;
-    if (st.stopped.load(std::memory_order_acquire)) return stopped_error("check_blocks");
+    if (st.index.stopped().load(std::memory_order_acquire)) return stopped_error("check_blocks");
     block_mask m(keys.size());
     {
-      std::shared_lock lk(st.mu);
+      std::shared_lock lk(st.index.mutex());
       for (std::size_t i = 0; i < keys.size(); ++i) {
-        const auto it = st.index.find(keys[i]);
-        if (it != st.index.end() && it->second.ready) m.set(i);
+        const auto* e = st.index.find_locked(keys[i]);
+        if (e != nullptr && e->ready) m.set(i);
       }
     }
     return m;
@@ -489,21 +558,22 @@ class basic_engine {
     out.hit_tokens = ld(st.hit_tokens);
     out.queried_tokens = ld(st.queried_tokens);
     out.stored_chunks = ld(st.stored_chunks);
-    out.deduplicated_chunks = ld(st.deduplicated_chunks);
-    out.rejected_chunks = ld(st.rejected_chunks);
-    out.replaced_chunks = ld(st.replaced_chunks);
+    out.deduplicated_chunks = ld(st.index.stats().deduplicated);
+    out.rejected_chunks = ld(st.index.stats().rejected);
+    out.replaced_chunks = ld(st.index.stats().replaced);
     out.retrieved_chunks = ld(st.retrieved_chunks);
-    out.evictions = ld(st.evictions);
+    out.evictions = ld(st.index.stats().evictions);
     out.bytes_stored = ld(st.bytes_stored);
     out.bytes_loaded = ld(st.bytes_loaded);
     out.transfer_failures = ld(st.transfer_failures);
     out.capacity_bytes = st.cfg.capacity_bytes;
     {
-      std::shared_lock lk(st.mu);
-      out.current_bytes = st.used;
-      out.peak_bytes = st.peak;
-      out.chunks = st.index.size();
+      std::shared_lock lk(st.index.mutex());
+      out.current_bytes = st.index.used_locked();
+      out.peak_bytes = st.index.peak_locked();
+      out.chunks = st.index.size_locked();
     }
+    if constexpr (tiered) st.pipeline->fill(out);
     out.lookup_latency = st.lookup_latency.snapshot();
     out.store_latency = st.store_latency.snapshot();
     out.retrieve_latency = st.retrieve_latency.snapshot();
@@ -523,20 +593,20 @@ class basic_engine {
     auto& st = *s_;
     auto& ln = *link_;
     {
-      std::unique_lock lk(st.mu);
-      if (st.stopped.exchange(true)) return;
+      std::unique_lock lk(st.index.mutex());
+      if (st.index.stopped().exchange(true)) return;
     }
+    st.index.changed().notify_all();  // promotions waiting on a chunk give up
+    // The tier threads go first: they touch the index, and a drain writes the queued demotions.
+    if constexpr (tiered) st.pipeline->stop(st.cfg.tiering.drain_on_shutdown);
     {
       std::unique_lock lk(ln.m);
       ln.stopped = true;
       ln.cv.wait(lk, [&] { return ln.active == 0; });
       // Still under ln.m: nothing can enter between the wait and the teardown.
       ln.gone = true;
-      std::unique_lock ilk(st.mu);
-      // The eviction policy is left as it is: nothing asks it again, and untracking could allocate.
-      for (auto& [k, e] : st.index) st.backend.release(st.alloc, k, e.handle);
-      st.index.clear();
-      st.used = 0;
+      std::unique_lock ilk(st.index.mutex());
+      st.index.release_all_locked();
     }
     st.scheduler.drain();
   }
@@ -547,19 +617,11 @@ class basic_engine {
 
  private:
   using handle_type = typename Backend::handle;
-
-  struct entry {
-    handle_type handle;
-    std::size_t bytes;
-    std::uint32_t pins;
-    bool ready;
-  };
-  struct reservation {
-    std::size_t index;  // position in the caller's key list
-    chunk_key key;
-    handle_type handle;
-    std::size_t bytes;
-  };
+  using index_type = detail::chunk_index<Allocator, EvictionPolicy, Backend>;
+  using reservation = typename index_type::reservation;
+  static constexpr bool tiered = detail::has_storage_tiers<Backend>;
+  struct no_pipeline {};
+  using pipeline_type = std::conditional_t<tiered, detail::tier_pipeline<index_type, Backend>, no_pipeline>;
   struct state;
 
   // One store or retrieve: its chunks, its batches in flight, and how it ends.
@@ -681,41 +743,7 @@ class basic_engine {
     explicit layered_transfer(std::shared_ptr<operation> op) : op_(std::move(op)) {}
 
     result<void> submit_layers(std::size_t first, std::size_t count, const transfer_hints& hints) {
-      auto& op = *op_;
-      if (op.chunks.empty()) return {};
-      if (!op.link->enter(/*submission=*/true)) return stopped_error("submit_layer");
-      struct leave_on_exit {
-        detail::engine_link& l;
-        ~leave_on_exit() { l.leave(); }
-      } guard{*op.link};
-      state* const st = op.st;
-      transfer_hints h = hints;
-      h.direction = op.storing ? transfer_direction::to_store : transfer_direction::from_store;
-      h.cache_location = op.layout.location();
-      // Hand over a batch every `transfer_batch_bytes`, so the copies of the first chunks run while
-      // the ops of later ones are built.
-      const std::size_t layers = op.layout.num_layers();
-      const std::size_t limit = st->cfg.transfer_batch_bytes;
-      std::vector<copy_op> ops;
-      std::size_t batch_bytes = 0;
-      for (std::size_t i = 0; i < op.chunks.size(); ++i) {
-        const auto& c = op.chunks[i];
-        if (ops.empty()) {
-          std::size_t n = 0;  // chunks this batch will hold, to size it once
-          for (std::size_t b = 0, j = i; j < op.chunks.size() && (limit == 0 || b < limit); ++j, ++n)
-            b += op.chunks[j].r.bytes / layers * count;
-          ops.reserve(n * op.layout.max_copies(c.tokens, first, count));
-        }
-        op.layout.append_copies(ops, op.table, c.first, c.tokens, st->backend.data(c.r.handle).data(), op.storing,
-                                first, count);
-        batch_bytes += c.r.bytes / layers * count;
-        if ((limit != 0 && batch_bytes >= limit) || i + 1 == op.chunks.size()) {
-          submit_batch(op_, std::move(ops), h);
-          ops = {};
-          batch_bytes = 0;
-        }
-      }
-      return {};
+      return submit_range(op_, 0, op_->chunks.size(), first, count, hints);
     }
 
     // Rolls back and waits for the copies already submitted, so none writes into the caller's
@@ -736,9 +764,12 @@ class basic_engine {
     state(const engine_config& c, Allocator&& a, Hasher&& h, EvictionPolicy&& e, Backend&& b,
           TransferScheduler&& s)
         : cfg(c), alloc(std::move(a)), hasher(std::move(h)), eviction(std::move(e)), backend(std::move(b)),
-          scheduler(std::move(s)) {
+          scheduler(std::move(s)), index(cfg.capacity_bytes, alloc, eviction, backend) {
       const auto seed = detail::namespace_seed(cfg);
       root = hasher.root(seed);
+    }
+    ~state() {
+      if constexpr (tiered) pipeline.reset();  // before the index it points into
     }
 
     engine_config cfg;
@@ -749,14 +780,14 @@ class basic_engine {
     TransferScheduler scheduler;
     chunk_key root;
 
-    mutable std::shared_mutex mu;  // guards index, used, peak and the eviction policy
-    std::unordered_map<chunk_key, entry, chunk_key_hash> index;
-    std::size_t used{0}, peak{0};
-    std::atomic<bool> stopped{false};  // set under mu, first thing shutdown does
+    // Which chunks are in memory; its stopped() flag is set under its lock, first thing shutdown does.
+    index_type index;
+    // Tiered backends: moves chunks between memory and the tiers (made and started by create).
+    std::unique_ptr<pipeline_type> pipeline;
 
     mutable std::atomic<std::uint64_t> lookups{0}, hit_chunks{0}, miss_chunks{0}, hit_tokens{0}, queried_tokens{0};
-    std::atomic<std::uint64_t> stored_chunks{0}, deduplicated_chunks{0}, rejected_chunks{0}, replaced_chunks{0},
-        retrieved_chunks{0}, evictions{0}, bytes_stored{0}, bytes_loaded{0}, transfer_failures{0};
+    std::atomic<std::uint64_t> stored_chunks{0}, retrieved_chunks{0}, bytes_stored{0}, bytes_loaded{0},
+        transfer_failures{0};
     mutable detail::atomic_histogram lookup_latency;
     detail::atomic_histogram store_latency, retrieve_latency;
   };
@@ -770,6 +801,134 @@ class basic_engine {
   [[nodiscard]] std::shared_ptr<operation> new_operation(bool storing, detail::clock::time_point t0,
                                                          detail::atomic_histogram* latency) const {
     return std::make_shared<operation>(s_.get(), link_, storing, t0, latency);
+  }
+
+  // Pins the leading chunks in memory, then (with tiers) brings the next ones up. With `pipelined`
+  // every layer of each chunk is submitted as soon as the chunk is in memory.
+  result<layered_transfer> begin_retrieve_impl(std::span<const token_id> tokens, const kv_layout& dst,
+                                               std::span<const std::int32_t> block_table,
+                                               const transfer_hints* pipelined) {
+    if (!s_) return stopped_error("retrieve");
+    const auto t0 = detail::clock::now();
+    if (tokens.empty()) return fail(errc::invalid_argument, "retrieve: empty token list");
+    if (auto v = check_layout(dst, "retrieve"); !v) return std::unexpected(v.error());
+    // Two copies writing the same bytes would race (and the last one would win at random).
+    if (auto v = dst.check_destination(); !v) return fail(v.error().code, "retrieve: " + v.error().message);
+    if (auto v = dst.check_table(block_table, tokens.size(), /*distinct=*/true); !v)
+      return fail(v.error().code, "retrieve: " + v.error().message);
+    auto keys = keys_of(tokens);
+    keys.resize(usable_chunks(tokens.size(), dst));
+    auto& st = *s_;
+    auto op = new_operation(false, t0, &st.retrieve_latency);
+    op->layout = dst;
+    op->table.assign(block_table.begin(), block_table.end());
+    {
+      std::unique_lock lk(st.index.mutex());
+      if (st.index.stopped().load(std::memory_order_relaxed)) return stopped_error("retrieve");
+      for (std::size_t i = 0; i < keys.size(); ++i) {
+        const std::size_t ntok = chunk_tokens_of(tokens, i).size();
+        auto* e = st.index.pin_locked(keys[i], chunk_bytes(ntok));
+        if (e == nullptr) break;
+        op->chunks.push_back({{i, keys[i], e->handle, e->bytes}, i * st.cfg.chunk_tokens, ntok});
+        op->value += ntok;
+      }
+    }
+    layered_transfer out(op);
+    if (pipelined) {
+      std::lock_guard lk(op->m);
+      op->layer_sent.assign(dst.num_layers(), true);
+    }
+    const auto submit_new = [&](std::size_t from) -> result<void> {
+      if (!pipelined || from == op->chunks.size()) return {};
+      return submit_range(op, from, op->chunks.size(), 0, dst.num_layers(), *pipelined);
+    };
+    if (auto r = submit_new(0); !r) return std::unexpected(r.error());
+    if constexpr (tiered) {
+      if (op->chunks.size() < keys.size()) {
+        std::vector<std::size_t> sizes(keys.size());
+        for (std::size_t i = 0; i < keys.size(); ++i) sizes[i] = chunk_bytes(chunk_tokens_of(tokens, i).size());
+        // Entered on the link: shutdown must wait for a promotion reading into reserved memory.
+        if (!link_->enter(/*submission=*/true)) return stopped_error("retrieve");
+        struct leave_link {
+          detail::engine_link& l;
+          ~leave_link() { l.leave(); }
+        } left{*link_};
+        std::optional<error> err;
+        (void)st.pipeline->promote(keys, sizes, op->chunks.size(), t0 + st.cfg.tiering.promotion_timeout,
+                                   /*keep_pinned=*/true, [&](std::span<const reservation> got) {
+                                     const std::size_t from = op->chunks.size();
+                                     for (const auto& r : got) {
+                                       const std::size_t ntok = chunk_tokens_of(tokens, r.index).size();
+                                       op->chunks.push_back({r, r.index * st.cfg.chunk_tokens, ntok});
+                                       op->value += ntok;
+                                     }
+                                     if (auto sr = submit_new(from); !sr && !err) err = sr.error();
+                                   });
+        if (err) return std::unexpected(std::move(*err));
+      }
+    }
+    st.hit_chunks.fetch_add(op->chunks.size(), std::memory_order_relaxed);
+    st.miss_chunks.fetch_add(keys.size() - op->chunks.size(), std::memory_order_relaxed);
+    return out;
+  }
+
+  result<std::size_t> lookup_impl(std::span<const token_id> tokens, tiered_lookup* detail_out) const {
+    if (!s_) return stopped_error("lookup");
+    if (tokens.empty()) return fail(errc::invalid_argument, "lookup: empty token list");
+    const auto t0 = detail::clock::now();
+    auto& st = *s_;
+    if (st.index.stopped().load(std::memory_order_acquire)) return stopped_error("lookup");
+    const std::size_t n = chunk_count(tokens.size());
+    // The first chunk alone, then the rest in one batch under one lock: a miss costs one hash,
+    // a hit pays the lock once instead of once per chunk.
+    thread_local std::vector<chunk_key> keys;
+    keys.resize(n);
+    std::size_t hit = 0, hit_tokens = 0, hashed = 0;
+    const auto walk = [&](std::size_t end) {
+      for (std::size_t i = hashed; i < end; ++i) keys[i] = st.hasher.chain(i == 0 ? st.root : keys[i - 1], chunk_tokens_of(tokens, i));
+      hashed = std::max(hashed, end);
+      std::shared_lock lk(st.index.mutex());
+      for (; hit < end; ++hit) {
+        const std::size_t ntok = chunk_tokens_of(tokens, hit).size();
+        if (!st.index.usable_locked(keys[hit], chunk_bytes(ntok))) return false;
+        hit_tokens += ntok;
+      }
+      return true;
+    };
+    if (n > 0 && walk(1)) walk(n);
+    const std::size_t memory_tokens = hit_tokens;
+    if (detail_out) {
+      detail_out->memory_tokens = memory_tokens;
+      detail_out->tiers.clear();
+    }
+    std::size_t below = 0;
+    if constexpr (tiered) {
+      if (hit < n) {
+        for (std::size_t i = hashed; i < n; ++i) keys[i] = st.hasher.chain(i == 0 ? st.root : keys[i - 1], chunk_tokens_of(tokens, i));
+        thread_local std::vector<std::uint8_t> source;
+        std::array<std::size_t, Backend::tier_count> found{};
+        below = st.pipeline->probe(std::span<const chunk_key>(keys.data(), n), hit, source, found);
+        std::array<std::size_t, Backend::tier_count> tier_tokens{};
+        for (std::size_t i = hit; i < hit + below; ++i) {
+          const std::size_t ntok = chunk_tokens_of(tokens, i).size();
+          tier_tokens[source[i]] += ntok;
+          hit_tokens += ntok;
+        }
+        if (detail_out)
+          for (std::size_t j = 0; j < Backend::tier_count; ++j)
+            detail_out->tiers.push_back({st.backend.tier_name(j), tier_tokens[j]});
+      } else if (detail_out) {
+        for (std::size_t j = 0; j < Backend::tier_count; ++j) detail_out->tiers.push_back({st.backend.tier_name(j), 0});
+      }
+    }
+    if (detail_out) detail_out->tokens = hit_tokens;
+    st.lookups.fetch_add(1, std::memory_order_relaxed);
+    st.hit_chunks.fetch_add(hit + below, std::memory_order_relaxed);
+    st.miss_chunks.fetch_add(n - hit - below, std::memory_order_relaxed);
+    st.hit_tokens.fetch_add(hit_tokens, std::memory_order_relaxed);
+    st.queried_tokens.fetch_add(tokens.size(), std::memory_order_relaxed);
+    st.lookup_latency.record(detail::elapsed_ns(t0));
+    return hit_tokens;
   }
 
   [[nodiscard]] std::vector<chunk_key> keys_of(std::span<const token_id> tokens) const {
@@ -849,122 +1008,17 @@ class basic_engine {
     return {};
   }
 
-  // Evicts the policy's first unpinned, readable victim. Caller holds mu exclusively.
-  bool evict_one_locked() {
-    auto& st = *s_;
-    const auto v = st.eviction.select_victim([&st](const chunk_key& k) {
-      const auto it = st.index.find(k);
-      return it != st.index.end() && it->second.ready && it->second.pins == 0;
-    });
-    if (!v) return false;
-    const auto it = st.index.find(*v);
-    if (it == st.index.end() || !it->second.ready || it->second.pins != 0) return false;  // a broken policy
-    st.backend.release(st.alloc, it->first, it->second.handle);
-    st.used -= it->second.bytes;
-    st.index.erase(it);
-    st.eviction.on_erase(*v);
-    st.evictions.fetch_add(1, std::memory_order_relaxed);
-    return true;
-  }
-
-  // Room for one chunk: evict until the byte budget and the allocator both allow it.
-  result<handle_type> reserve_locked(const chunk_key& k, std::size_t bytes) {
-    auto& st = *s_;
-    while (st.used + bytes > st.cfg.capacity_bytes)
-      if (!evict_one_locked())
-        return fail(errc::capacity_exhausted, "no evictable chunk left to make room for " + std::to_string(bytes) + " bytes");
-    for (;;) {
-      auto h = st.backend.reserve(st.alloc, k, bytes);
-      if (h) {
-        st.used += bytes;
-        st.peak = std::max(st.peak, st.used);
-        return *h;
-      }
-      if (h.error().code != errc::out_of_memory) return std::unexpected(h.error());
-      if (!evict_one_locked()) return std::unexpected(h.error());
-    }
-  }
-
-  // Reserves every key not yet present, in order; stops at the first that cannot be placed.
-  // Keys already present with the size asked for are touched and held while the rest is placed,
-  // so making room for a prompt's tail never evicts its own head. A key held with another size
-  // (written by save_blocks, or by another geometry's caller) is replaced when readable and
-  // unpinned; otherwise it is skipped, and with `prefix` (token stores) so is every key after it,
-  // since a lookup could never reach them.
+  // Reserves the chunks of a store (see chunk_index::reserve_all). Entered on the link: the
+  // index lock is let go every few keys (so a huge save_blocks cannot stall lookups), and
+  // shutdown must not free what is held across those gaps.
   result<std::vector<reservation>> reserve_all(std::span<const chunk_key> keys, std::span<const std::size_t> sizes,
                                                const char* op, bool prefix) {
-    auto& st = *s_;
-    // Entered on the link: the lock is let go every few keys (so a huge save_blocks cannot stall
-    // lookups), and shutdown must not free what is held across those gaps.
     if (!link_->enter(/*submission=*/true)) return stopped_error(op);
     struct leave_link {
       detail::engine_link& l;
       ~leave_link() { l.leave(); }
     } left{*link_};
-    std::vector<reservation> out;
-    std::vector<entry*> held;  // map nodes stay put while other entries come and go
-    std::unique_lock lk(st.mu);
-    if (st.stopped.load(std::memory_order_relaxed)) return stopped_error(op);
-    struct release_held {
-      std::vector<entry*>& v;
-      ~release_held() {
-        for (entry* e : v) --e->pins;
-      }
-    } unpin{held};
-    constexpr std::size_t keys_per_hold = 64;
-    for (std::size_t i = 0; i < keys.size(); ++i) {
-      if (i % keys_per_hold == 0 && i != 0) {
-        lk.unlock();
-        lk.lock();
-        if (st.stopped.load(std::memory_order_relaxed)) {
-          for (const auto& r : out) drop_locked(r.key, r.handle, r.bytes);
-          return stopped_error(op);
-        }
-      }
-      if (const auto it = st.index.find(keys[i]); it != st.index.end()) {
-        if (it->second.bytes == sizes[i]) {
-          st.deduplicated_chunks.fetch_add(1, std::memory_order_relaxed);
-          if (it->second.ready) {
-            ++it->second.pins;
-            held.push_back(&it->second);
-            st.eviction.on_access(it->first);
-          }
-          continue;
-        }
-        if (!it->second.ready || it->second.pins != 0) {
-          if (prefix) {
-            st.rejected_chunks.fetch_add(keys.size() - i, std::memory_order_relaxed);
-            break;
-          }
-          st.rejected_chunks.fetch_add(1, std::memory_order_relaxed);
-          continue;
-        }
-        st.backend.release(st.alloc, it->first, it->second.handle);
-        st.used -= it->second.bytes;
-        st.index.erase(it);
-        st.eviction.on_erase(keys[i]);
-        st.replaced_chunks.fetch_add(1, std::memory_order_relaxed);
-      }
-      auto h = reserve_locked(keys[i], sizes[i]);
-      if (!h) {
-        if (h.error().code == errc::capacity_exhausted || h.error().code == errc::out_of_memory) {
-          st.rejected_chunks.fetch_add(keys.size() - i, std::memory_order_relaxed);
-          break;
-        }
-        for (const auto& r : out) drop_locked(r.key, r.handle, r.bytes);
-        return std::unexpected(h.error());
-      }
-      st.index.emplace(keys[i], entry{*h, sizes[i], 1, false});
-      out.push_back({i, keys[i], *h, sizes[i]});
-    }
-    return out;
-  }
-
-  void drop_locked(const chunk_key& k, handle_type h, std::size_t bytes) {
-    auto& st = *s_;
-    st.backend.release(st.alloc, k, h);
-    st.used -= bytes;
-    st.index.erase(k);
+    return s_->index.reserve_all(keys, sizes, op, prefix);
   }
 
   // Chunks of a prompt this layout can carry: layouts of opaque pages take whole blocks only.
@@ -973,6 +1027,45 @@ class basic_engine {
     if (n == 0 || !l.whole_blocks_only()) return n;
     const std::size_t last = tokens - (n - 1) * s_->cfg.chunk_tokens;
     return std::min(last, s_->cfg.chunk_tokens) % l.block_tokens() == 0 ? n : n - 1;
+  }
+
+  // Copies layers [first, first + count) of chunks [from, to) of `op`.
+  static result<void> submit_range(const std::shared_ptr<operation>& opp, std::size_t from, std::size_t to,
+                                   std::size_t first, std::size_t count, const transfer_hints& hints) {
+    auto& op = *opp;
+    if (from >= to) return {};
+    if (!op.link->enter(/*submission=*/true)) return stopped_error("submit_layer");
+    struct leave_on_exit {
+      detail::engine_link& l;
+      ~leave_on_exit() { l.leave(); }
+    } guard{*op.link};
+    state* const st = op.st;
+    transfer_hints h = hints;
+    h.direction = op.storing ? transfer_direction::to_store : transfer_direction::from_store;
+    h.cache_location = op.layout.location();
+    // Hand over a batch every `transfer_batch_bytes`, so the copies of the first chunks run while
+    // the ops of later ones are built.
+    const std::size_t layers = op.layout.num_layers();
+    const std::size_t limit = st->cfg.transfer_batch_bytes;
+    std::vector<copy_op> ops;
+    std::size_t batch_bytes = 0;
+    for (std::size_t i = from; i < to; ++i) {
+      const auto& c = op.chunks[i];
+      if (ops.empty()) {
+        std::size_t n = 0;  // chunks this batch will hold, to size it once
+        for (std::size_t b = 0, j = i; j < to && (limit == 0 || b < limit); ++j, ++n) b += op.chunks[j].r.bytes / layers * count;
+        ops.reserve(n * op.layout.max_copies(c.tokens, first, count));
+      }
+      op.layout.append_copies(ops, op.table, c.first, c.tokens, st->backend.data(c.r.handle).data(), op.storing, first,
+                              count);
+      batch_bytes += c.r.bytes / layers * count;
+      if ((limit != 0 && batch_bytes >= limit) || i + 1 == to) {
+        submit_batch(opp, std::move(ops), h);
+        ops = {};
+        batch_bytes = 0;
+      }
+    }
+    return {};
   }
 
   // Hands one batch to the scheduler. Called inside a submission (link entered), so the state
@@ -1040,35 +1133,39 @@ class basic_engine {
       std::vector<result<void>> commits;
       commits.reserve(op.chunks.size());
       for (const auto& c : op.chunks) commits.push_back(err ? result<void>{} : st.backend.commit(c.r.key, c.r.handle));
-      std::unique_lock lk(st.mu);
-      for (std::size_t i = 0; i < op.chunks.size(); ++i) {
-        if (i % publish_per_hold == 0 && i != 0) {  // a huge save_blocks must not stall lookups
-          lk.unlock();
-          lk.lock();
+      {
+        std::unique_lock lk(st.index.mutex());
+        for (std::size_t i = 0; i < op.chunks.size(); ++i) {
+          if (i % publish_per_hold == 0 && i != 0) {  // a huge save_blocks must not stall lookups
+            lk.unlock();
+            lk.lock();
+          }
+          const auto& c = op.chunks[i].r;
+          if (err || !commits[i]) {
+            if (!err) err = commits[i].error();
+            st.index.drop_locked(c.key, c.handle, c.bytes);
+            continue;
+          }
+          st.index.publish_locked(c.key, /*below=*/false);
+          if constexpr (tiered) {
+            // Write-through: queued (and pinned) now; the store does not wait for it.
+            if (st.cfg.tiering.write == write_policy::write_through)
+              st.pipeline->enqueue_locked(c.key, *st.index.find_locked(c.key));
+          }
+          bytes += c.bytes;
+          ++chunks;
         }
-        const auto& c = op.chunks[i].r;
-        if (err || !commits[i]) {
-          if (!err) err = commits[i].error();
-          st.backend.release(st.alloc, c.key, c.handle);
-          st.used -= c.bytes;
-          st.index.erase(c.key);
-          continue;
-        }
-        auto& e = st.index.find(c.key)->second;
-        e.ready = true;
-        e.pins = 0;
-        st.eviction.on_insert(c.key);
-        bytes += c.bytes;
-        ++chunks;
       }
+      st.index.changed().notify_all();  // promotions waiting for one of these chunks
+      if constexpr (tiered) st.pipeline->report_drops();
     } else if (!op.chunks.empty()) {
-      std::unique_lock lk(st.mu);
+      std::unique_lock lk(st.index.mutex());
       for (std::size_t i = 0; i < op.chunks.size(); ++i) {
         if (i % publish_per_hold == 0 && i != 0) {
           lk.unlock();
           lk.lock();
         }
-        --st.index.find(op.chunks[i].r.key)->second.pins;
+        st.index.unpin_locked(op.chunks[i].r.key);
         bytes += op.chunks[i].r.bytes;
         ++chunks;
       }

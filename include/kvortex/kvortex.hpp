@@ -5,6 +5,7 @@
 #include "kvortex/allocators/host_allocator.hpp"
 #include "kvortex/allocators/numa_pool_allocator.hpp"
 #include "kvortex/backends/cpu_backend.hpp"
+#include "kvortex/backends/tiered_backend.hpp"
 #include "kvortex/concepts.hpp"
 #include "kvortex/config.hpp"
 #include "kvortex/engine.hpp"
@@ -31,11 +32,23 @@ namespace kvortex {
 /// multi-threaded memcpy. Needs no GPU.
 using host_engine = basic_engine<host_allocator, sha256_hasher, lru_eviction, cpu_backend, host_transfer_scheduler>;
 
+/// @brief `host_engine` with storage tiers below host memory, highest first, e.g.
+/// `tiered_host_engine<disk_tier, redis_tier>` (include kvortex/tiers/disk_tier.hpp and
+/// kvortex/tiers/redis_tier.hpp). Made with `create(cfg, tiered_backend<cpu_backend, ...>(...))`.
+template <storage_tier... Tiers>
+using tiered_host_engine =
+    basic_engine<host_allocator, sha256_hasher, lru_eviction, tiered_backend<cpu_backend, Tiers...>, host_transfer_scheduler>;
+
 #ifdef KVORTEX_WITH_CUDA
 /// @brief The GPU stack: NUMA-local pinned host pool, staged CUDA transfers (NVRTC kernels, DMA),
 /// SHA-256 keys, LRU eviction, chunks in pinned host RAM.
 using engine =
     basic_engine<pinned_host_allocator, sha256_hasher, lru_eviction, cpu_backend, cuda_transfer_scheduler>;
+
+/// @brief `engine` with storage tiers below its pinned host memory, highest first.
+template <storage_tier... Tiers>
+using tiered_engine = basic_engine<pinned_host_allocator, sha256_hasher, lru_eviction, tiered_backend<cpu_backend, Tiers...>,
+                                   cuda_transfer_scheduler>;
 #endif
 
 }  // namespace kvortex

@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "kvortex/error.hpp"
 
@@ -31,6 +32,40 @@ struct latency_histogram {
   [[nodiscard]] static constexpr double upper_seconds(std::size_t i) noexcept {
     return static_cast<double>(upper_microseconds(i)) * 1e-6;
   }
+};
+
+/// @brief A snapshot of one storage tier's counters. Counters only grow; gauges are "now".
+struct tier_stats {
+  std::uint64_t hits{0};              ///< get() calls that returned verified bytes
+  std::uint64_t misses{0};            ///< get() calls that found nothing usable (absent, corrupt, foreign)
+  std::uint64_t writes{0};            ///< put() calls that stored their chunk
+  std::uint64_t bytes_read{0};        ///< payload bytes returned by get()
+  std::uint64_t bytes_written{0};     ///< payload bytes stored by put()
+  std::uint64_t read_errors{0};       ///< get() calls failed by the medium (I/O error, connection lost)
+  std::uint64_t write_errors{0};      ///< put() calls failed by the medium (disk full, unwritable, timeout)
+  std::uint64_t rejected_writes{0};   ///< put() calls refused before any I/O (too large for the capacity)
+  std::uint64_t corrupt_removed{0};   ///< entries found truncated, corrupt or foreign, and removed
+  std::uint64_t stale_removed{0};     ///< half-written leftovers (temporary files) removed
+  std::uint64_t evictions{0};         ///< entries removed to make room
+  std::uint64_t entries{0};           ///< gauge: entries held
+  std::uint64_t bytes_held{0};        ///< gauge: bytes the entries take, headers and padding included
+  std::uint64_t capacity_bytes{0};    ///< gauge: the configured limit on bytes_held
+  latency_histogram read_latency;     ///< get(): call to return, hits and misses
+  latency_histogram write_latency;    ///< put(): call to return (durable per the tier's policy)
+
+  /// @brief Every failure of the medium, reads and writes.
+  [[nodiscard]] constexpr std::uint64_t errors() const noexcept { return read_errors + write_errors; }
+};
+
+/// @brief One storage tier below memory, as the engine that owns it sees it (`engine_stats::tiers`).
+struct tier_report {
+  std::string name;                     ///< the tier's `name` ("disk", "redis")
+  tier_stats tier;                      ///< the tier's own counters
+  std::uint64_t lookup_hit_chunks{0};   ///< chunks lookups found in this tier beyond those in memory
+  std::uint64_t promoted_chunks{0};     ///< chunks read from this tier into memory
+  std::uint64_t promotion_failures{0};  ///< chunks this tier reported present but could not deliver
+  std::uint64_t demoted_chunks{0};      ///< chunks written to this tier from memory
+  std::uint64_t demotion_failures{0};   ///< demotions this tier refused or failed
 };
 
 /// @brief A snapshot of an engine's counters. Chunks are counted once each.
@@ -56,6 +91,14 @@ struct engine_stats {
   latency_histogram lookup_latency;   ///< lookup() wall time
   latency_histogram store_latency;    ///< store(), save_blocks() and layered stores (also dropped ones): call to completion
   latency_histogram retrieve_latency; ///< retrieve() and layered retrieves: call to completion (not load_blocks)
+  // Engines with storage tiers (`tiered_backend`); empty or zero otherwise.
+  std::vector<tier_report> tiers;     ///< one per storage tier, highest first
+  std::uint64_t demotions_queued{0};  ///< chunks queued to go down (each goes to every tier)
+  std::uint64_t demotions_dropped{0}; ///< demotions dropped: queue full, reclaimed for memory, or shut down
+  std::uint64_t demotion_queue_depth{0};  ///< gauge: demotions waiting or being written
+  std::uint64_t demotion_queue_bytes{0};  ///< gauge: host bytes the queued demotions hold
+  std::uint64_t promotion_timeouts{0};    ///< retrieves and prefetches that stopped at `promotion_timeout`
+  std::uint64_t prefetches{0};        ///< prefetch() calls that ran
 };
 
 namespace detail {
@@ -132,6 +175,73 @@ inline void prom_histogram(std::string& out, std::string_view prefix, std::strin
   out += full + "_count " + std::to_string(cumulative) + "\n";  // equal to +Inf by construction
 }
 
+// One family per counter, one sample per tier, labelled tier="<name>".
+inline void prom_tiers(std::string& out, std::string_view prefix, const std::vector<tier_report>& tiers) {
+  struct family {
+    const char* name;
+    const char* type;
+    const char* help;
+    std::uint64_t (*get)(const tier_report&);
+  };
+  static constexpr family families[] = {
+      {"tier_hits_total", "counter", "Tier reads that returned verified bytes.", [](const tier_report& t) { return t.tier.hits; }},
+      {"tier_misses_total", "counter", "Tier reads that found nothing usable.", [](const tier_report& t) { return t.tier.misses; }},
+      {"tier_writes_total", "counter", "Tier writes that stored their chunk.", [](const tier_report& t) { return t.tier.writes; }},
+      {"tier_read_bytes_total", "counter", "Payload bytes read from the tier.", [](const tier_report& t) { return t.tier.bytes_read; }},
+      {"tier_written_bytes_total", "counter", "Payload bytes written to the tier.",
+       [](const tier_report& t) { return t.tier.bytes_written; }},
+      {"tier_read_errors_total", "counter", "Tier reads failed by the medium.", [](const tier_report& t) { return t.tier.read_errors; }},
+      {"tier_write_errors_total", "counter", "Tier writes failed by the medium.",
+       [](const tier_report& t) { return t.tier.write_errors; }},
+      {"tier_rejected_writes_total", "counter", "Tier writes refused before any I/O.",
+       [](const tier_report& t) { return t.tier.rejected_writes; }},
+      {"tier_corrupt_removed_total", "counter", "Corrupt, truncated or foreign entries removed.",
+       [](const tier_report& t) { return t.tier.corrupt_removed; }},
+      {"tier_evictions_total", "counter", "Tier entries evicted to make room.", [](const tier_report& t) { return t.tier.evictions; }},
+      {"tier_entries", "gauge", "Entries the tier holds.", [](const tier_report& t) { return t.tier.entries; }},
+      {"tier_bytes", "gauge", "Bytes the tier's entries take.", [](const tier_report& t) { return t.tier.bytes_held; }},
+      {"tier_capacity_bytes", "gauge", "The tier's configured capacity (0: its own business).",
+       [](const tier_report& t) { return t.tier.capacity_bytes; }},
+      {"tier_lookup_hit_chunks_total", "counter", "Chunks lookups found in the tier beyond memory.",
+       [](const tier_report& t) { return t.lookup_hit_chunks; }},
+      {"tier_promoted_chunks_total", "counter", "Chunks read from the tier into memory.",
+       [](const tier_report& t) { return t.promoted_chunks; }},
+      {"tier_promotion_failures_total", "counter", "Chunks the tier listed but could not deliver.",
+       [](const tier_report& t) { return t.promotion_failures; }},
+      {"tier_demoted_chunks_total", "counter", "Chunks written to the tier from memory.",
+       [](const tier_report& t) { return t.demoted_chunks; }},
+      {"tier_demotion_failures_total", "counter", "Demotions the tier refused or failed.",
+       [](const tier_report& t) { return t.demotion_failures; }},
+  };
+  for (const auto& f : families) {
+    const std::string full = std::string(prefix) + "_" + f.name;
+    out += "# HELP " + full + " " + f.help + "\n# TYPE " + full + " " + f.type + "\n";
+    for (const auto& t : tiers) out += full + "{tier=\"" + t.name + "\"} " + std::to_string(f.get(t)) + "\n";
+  }
+  const auto hist = [&](const char* name, const char* help, latency_histogram tier_stats::*h) {
+    const std::string full = std::string(prefix) + "_" + name;
+    out += "# HELP " + full + " " + help + "\n# TYPE " + full + " histogram\n";
+    for (const auto& t : tiers) {
+      const latency_histogram& lh = t.tier.*h;
+      const std::string lbl = "tier=\"" + t.name + "\"";
+      std::uint64_t cumulative = 0;
+      for (std::size_t i = 0; i < latency_histogram::buckets; ++i) {
+        cumulative += lh.counts[i];
+        out += full + "_bucket{" + lbl + ",le=\"" + seconds_text(latency_histogram::upper_microseconds(i)) + "\"} " +
+               std::to_string(cumulative) + "\n";
+      }
+      cumulative += lh.counts[latency_histogram::buckets];
+      out += full + "_bucket{" + lbl + ",le=\"+Inf\"} " + std::to_string(cumulative) + "\n";
+      char sum[64];
+      std::snprintf(sum, sizeof sum, "%.9g", lh.sum_seconds);
+      out += full + "_sum{" + lbl + "} " + sum + "\n";
+      out += full + "_count{" + lbl + "} " + std::to_string(cumulative) + "\n";
+    }
+  };
+  hist("tier_read_seconds", "Tier read latency.", &tier_stats::read_latency);
+  hist("tier_write_seconds", "Tier write latency.", &tier_stats::write_latency);
+}
+
 inline std::string render_prometheus(const engine_stats& s, std::string_view prefix) {
   std::string out;
   using detail::prom_metric;
@@ -159,6 +269,17 @@ inline std::string render_prometheus(const engine_stats& s, std::string_view pre
   detail::prom_histogram(out, prefix, "lookup_seconds", "lookup() latency.", s.lookup_latency);
   detail::prom_histogram(out, prefix, "store_seconds", "store() latency to completion.", s.store_latency);
   detail::prom_histogram(out, prefix, "retrieve_seconds", "retrieve() latency to completion.", s.retrieve_latency);
+  if (!s.tiers.empty()) {
+    prom_metric(out, prefix, "demotions_queued_total", "counter", "Chunks queued to go to the tiers below.", s.demotions_queued);
+    prom_metric(out, prefix, "demotions_dropped_total", "counter", "Demotions dropped (queue full, memory reclaimed, shut down).",
+                s.demotions_dropped);
+    prom_metric(out, prefix, "demotion_queue_depth", "gauge", "Demotions waiting or being written.", s.demotion_queue_depth);
+    prom_metric(out, prefix, "demotion_queue_bytes", "gauge", "Host bytes held by queued demotions.", s.demotion_queue_bytes);
+    prom_metric(out, prefix, "promotion_timeouts_total", "counter", "Retrieves and prefetches cut off by the promotion timeout.",
+                s.promotion_timeouts);
+    prom_metric(out, prefix, "prefetches_total", "counter", "prefetch() calls run.", s.prefetches);
+    prom_tiers(out, prefix, s.tiers);
+  }
   return out;
 }
 }  // namespace detail
