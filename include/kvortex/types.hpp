@@ -46,6 +46,11 @@ struct chunk_key {
   }
 };
 
+/// @brief 32 bytes that identify a namespace (model, dtype, layout, rank, salt) in stored records,
+/// supplied by whoever builds the tier (`tier_namespace(cfg)` gives an engine's). A record written under
+/// another namespace is foreign: never served.
+using namespace_digest = std::array<std::byte, 32>;
+
 /// @brief Hash functor for unordered containers: all 32 bytes, mixed with a per-process random
 /// seed (`detail/key_hash.hpp`), so keys a caller chooses cannot be made to share buckets.
 /// Values differ between processes; never persist them.
