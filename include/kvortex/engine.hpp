@@ -61,7 +61,11 @@ struct tiered_lookup {
   /// @brief One storage tier's share of the hit.
   struct tier_hit {
     std::string_view tier;  ///< the tier's name ("disk", "redis")
-    std::size_t tokens{0};  ///< tokens of the hit this tier holds, after memory and the tiers above
+    /// Tokens of the hit credited to this tier. Past memory the walk goes tier by tier: where a
+    /// run of chunks starts, the highest tier holding its first chunk takes the whole run it
+    /// holds, then the walk goes on from tier 0 where that run stops. A retrieve reads each chunk
+    /// from the tier credited with it.
+    std::size_t tokens{0};
   };
   std::size_t tokens{0};         ///< leading tokens stored anywhere: `lookup`'s answer
   std::size_t memory_tokens{0};  ///< of which in host memory (the first ones)
@@ -615,6 +619,12 @@ class basic_engine {
   /// moved-from engine.
   [[nodiscard]] const Allocator& get_allocator() const noexcept { return s_->alloc; }
 
+  /// @brief The backend, e.g. to reach a `tiered_backend`'s tiers (`get_backend().tier<0>()`) for
+  /// their own calls. The engine's index does not learn of chunks changed that way: a chunk
+  /// removed from a tier is a miss the next time it is probed. Not on a moved-from engine.
+  [[nodiscard]] Backend& get_backend() noexcept { return s_->backend; }
+  [[nodiscard]] const Backend& get_backend() const noexcept { return s_->backend; }
+
  private:
   using handle_type = typename Backend::handle;
   using index_type = detail::chunk_index<Allocator, EvictionPolicy, Backend>;
@@ -907,7 +917,7 @@ class basic_engine {
         for (std::size_t i = hashed; i < n; ++i) keys[i] = st.hasher.chain(i == 0 ? st.root : keys[i - 1], chunk_tokens_of(tokens, i));
         thread_local std::vector<std::uint8_t> source;
         std::array<std::size_t, Backend::tier_count> found{};
-        below = st.pipeline->probe(std::span<const chunk_key>(keys.data(), n), hit, source, found);
+        below = st.pipeline->probe(std::span<const chunk_key>(keys.data(), n), hit, source, found, /*count_lookup=*/true);
         std::array<std::size_t, Backend::tier_count> tier_tokens{};
         for (std::size_t i = hit; i < hit + below; ++i) {
           const std::size_t ntok = chunk_tokens_of(tokens, i).size();

@@ -132,9 +132,10 @@ class tier_pipeline final : public eviction_sink<typename Backend::handle> {
 
   /// How many of `keys` from `from` on the tiers hold, greedily: each tier in order extends the
   /// run where the previous stopped, repeated while one makes progress. `source[i]` gets the tier
-  /// of chunk i (resized to keys.size()); `found[j]` the chunks credited to tier j.
+  /// of chunk i (resized to keys.size()); `found[j]` the chunks credited to tier j. A lookup's
+  /// probe (`count_lookup`) adds to the tiers' lookup hit counters.
   std::size_t probe(std::span<const chunk_key> keys, std::size_t from, std::vector<std::uint8_t>& source,
-                    std::array<std::size_t, tiers>& found) {
+                    std::array<std::size_t, tiers>& found, bool count_lookup) {
     source.assign(keys.size(), 0);
     found.fill(0);
     std::size_t frontier = from;
@@ -148,7 +149,8 @@ class tier_pipeline final : public eviction_sink<typename Backend::handle> {
         if (n > 0) progress = true;
       }
     }
-    for (std::size_t j = 0; j < tiers; ++j) lookup_hits_[j].fetch_add(found[j], std::memory_order_relaxed);
+    if (count_lookup)
+      for (std::size_t j = 0; j < tiers; ++j) lookup_hits_[j].fetch_add(found[j], std::memory_order_relaxed);
     return frontier - from;
   }
 
@@ -171,7 +173,7 @@ class tier_pipeline final : public eviction_sink<typename Backend::handle> {
     if (from >= keys.size()) return out;
     std::vector<std::uint8_t> source;
     std::array<std::size_t, tiers> found{};
-    const std::size_t end = from + probe(keys, from, source, found);
+    const std::size_t end = from + probe(keys, from, source, found, /*count_lookup=*/false);
     const std::size_t batch = cfg_.promotion_batch_chunks;
     std::vector<reservation> ready;     // chunks of this batch in memory, in key order
     std::vector<bool> reserved;         // ready[i] was reserved here (read from a tier), not found in memory
