@@ -1,12 +1,25 @@
-// kvortex-demo: replays a synthetic multi-turn chat workload through kvortex::host_engine.
+// kvortex-demo: replays a synthetic multi-turn chat workload through kvortex::host_engine (or, with
+// --disk / --redis, a host engine with storage tiers below it).
 //
 // Every conversation starts with the same system prompt and grows turn by turn; turns of different
 // conversations are interleaved at random. Each turn looks up the conversation so far, retrieves the
 // cached prefix into a vLLM-style paged cache (FlashAttention, NHD, 16-token blocks, a fresh random
 // block table per turn), "prefills" the rest, and stores the whole prompt. The KV of a token is a
 // deterministic function of (token id, position), so retrieved bytes can be checked.
+//
+// With --disk DIR (and/or --redis HOST:PORT) the engine keeps a disk tier (a Redis tier) below host
+// memory, write-through: run it, stop it, run it again with the same seed, and the second run's
+// hits come from the tiers (the table says how many tokens each tier served).
 
 #include <kvortex/kvortex.hpp>
+#include <kvortex/logging.hpp>
+#if defined(KVORTEX_WITH_XXHASH)
+#include <kvortex/tiers/disk_tier.hpp>
+#endif
+#if defined(KVORTEX_WITH_HIREDIS) && defined(KVORTEX_WITH_XXHASH)
+#include <kvortex/tiers/redis_tier.hpp>
+#define KVORTEX_DEMO_REDIS 1
+#endif
 
 #include <unistd.h>
 
@@ -45,6 +58,10 @@ struct options {
   std::size_t system_tokens = 1024;
   std::size_t chunk_tokens = 256;
   std::uint64_t seed = 1;
+  std::string disk;               // --disk DIR: a disk tier there
+  std::size_t disk_mib = 8192;    // its capacity
+  std::string redis;              // --redis HOST:PORT: a Redis tier on that server
+  bool require_tier_hits = false; // fail unless some hit came from a tier below memory
 };
 
 constexpr std::size_t block_tokens = 16;
@@ -60,7 +77,12 @@ void usage(std::FILE* to) {
                "  --conversations N  concurrent conversations (default 8)\n"
                "  --turns N          turns per conversation (default 6)\n"
                "  --capacity-mib N   store capacity in MiB (default 1024)\n"
-               "  --seed N           workload seed (default 1)\n",
+               "  --seed N           workload seed (default 1)\n"
+               "  --disk DIR         keep a disk tier in DIR below host memory (write-through); a rerun\n"
+               "                     with the same seed is served from it\n"
+               "  --disk-mib N       the disk tier's capacity in MiB (default 8192)\n"
+               "  --redis HOST:PORT  keep a Redis tier on that server below host memory (and the disk)\n"
+               "  --require-tier-hits  exit non-zero unless some hit tokens came from a tier below memory\n",
                llama32_1b.name);
 }
 
@@ -104,6 +126,16 @@ bool parse(int argc, char** argv, options& o, bool& help) {
     } else if (a == "--seed") {
       if (!number(i, v)) return false;
       o.seed = v;
+    } else if (a == "--disk" || a == "--redis") {
+      if (i + 1 >= argc || argv[i + 1][0] == '\0') {
+        std::fprintf(stderr, "error: %s needs a value\n", argv[i]);
+        return false;
+      }
+      (a == "--disk" ? o.disk : o.redis) = argv[++i];
+    } else if (a == "--disk-mib") {
+      if (!number(i, o.disk_mib)) return false;
+    } else if (a == "--require-tier-hits") {
+      o.require_tier_hits = true;
     } else {
       std::fprintf(stderr, "error: unknown option '%s'\n", argv[i]);
       usage(stderr);
@@ -192,27 +224,11 @@ std::string size_str(std::uint64_t b) {
   return buf;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  options o;
-  bool help = false;
-  if (!parse(argc, argv, o, help)) return 2;
-  if (help) {
-    usage(stdout);
-    return 0;
-  }
+// The workload on any engine stack.
+template <class Engine>
+int run(Engine& engine_obj, const options& o, const kvortex::engine_config& cfg, const std::string& stack) {
+  auto* engine = &engine_obj;
   const auto& g = o.m.geometry;
-
-  kvortex::engine_config cfg;
-  cfg.ns.model_id = o.m.name;
-  cfg.geometry = g;
-  cfg.chunk_tokens = o.chunk_tokens;
-  cfg.block_tokens = block_tokens;
-  cfg.capacity_bytes = o.capacity_mib << 20;
-  auto engine = kvortex::host_engine::create(cfg);
-  if (!engine) return report(engine.error());
-
   // The paged cache holds one request at a time, at most this long.
   const std::size_t max_tokens = o.system_tokens + o.turns * (max_user + max_reply);
   const std::size_t pool_blocks = (max_tokens + block_tokens - 1) / block_tokens + 64;
@@ -221,7 +237,7 @@ int main(int argc, char** argv) {
       kvortex::kv_layout::flash_attn(cache.layer_ptrs(), g, pool_blocks, block_tokens, kvortex::kv_order::nhd);
   if (!layout) return report(layout.error());
 
-  std::mt19937_64 rng(o.seed);
+  std::mt19937_64 rng(o.seed), sample_rng(o.seed ^ 0x5bd1e995);
   const auto uniform = [&](std::size_t lo, std::size_t hi) {
     return std::uniform_int_distribution<std::size_t>(lo, hi)(rng);
   };
@@ -248,15 +264,17 @@ int main(int argc, char** argv) {
   std::printf("  prompts     %zu-token system prompt, then %zu-%zu user + %zu-%zu reply tokens per turn\n",
               o.system_tokens, min_user, max_user, min_reply, max_reply);
   std::printf(
-      "  store       host_engine, %zu-token chunks (%zu MiB), capacity %zu MiB (%zu chunks), ~%s of "
+      "  store       %s, %zu-token chunks (%zu MiB), capacity %zu MiB (%zu chunks), ~%s of "
       "distinct KV\n",
-      o.chunk_tokens, cfg.chunk_bytes() >> 20, o.capacity_mib, cfg.capacity_bytes / cfg.chunk_bytes(),
+      stack.c_str(), o.chunk_tokens, cfg.chunk_bytes() >> 20, o.capacity_mib, cfg.capacity_bytes / cfg.chunk_bytes(),
       size_str(static_cast<std::uint64_t>(unique_kv)).c_str());
   std::printf("  paged cache FlashAttention NHD, %zu blocks of %zu tokens (%.0f MiB), random block table per turn\n",
               pool_blocks, block_tokens, double(pool_blocks * block_tokens * token_bytes) / double(1 << 20));
 
   const bool tty = ::isatty(STDOUT_FILENO) != 0;
   std::uint64_t prompt_tokens = 0, reused_tokens = 0, computed_tokens = 0, verify_failures = 0, sampled = 0;
+  std::uint64_t memory_hit_tokens = 0, short_retrieves = 0;
+  std::vector<std::pair<std::string, std::uint64_t>> tier_hit_tokens;  // per tier below memory
   double store_s = 0, retrieve_s = 0, prefill_s = 0;
   std::vector<std::size_t> sample;
   const auto t_start = clock_type::now();
@@ -273,15 +291,20 @@ int main(int argc, char** argv) {
     std::shuffle(free_blocks.begin(), free_blocks.end(), rng);
     const std::span<const std::int32_t> table(free_blocks.data(), pages);
 
-    auto hit = engine->lookup(tokens);
-    if (!hit) return report(hit.error());
+    auto where = engine->lookup_tiers(tokens);
+    if (!where) return report(where.error());
+    const std::size_t* hit = &where->tokens;
+    std::size_t served = 0;  // what the retrieve delivered: with tiers it may stop short of the lookup
 
     if (*hit > 0) {
       // Poison the sampled rows first, so stale bytes from an earlier turn cannot pass the check.
       sample.clear();
       sample.push_back(0);
       sample.push_back(*hit - 1);
-      for (std::size_t i = 2; i < samples_per_turn; ++i) sample.push_back(uniform(0, *hit - 1));
+      // From their own generator: the workload must not depend on the hits, so a rerun with the
+      // same seed replays the same prompts.
+      for (std::size_t i = 2; i < samples_per_turn; ++i)
+        sample.push_back(std::uniform_int_distribution<std::size_t>(0, *hit - 1)(sample_rng));
       for (const std::size_t t : sample)
         for (std::size_t l = 0; l < g.num_layers; ++l)
           for (std::size_t p = 0; p < 2; ++p) std::memset(cache.row(l, p, table, t), 0xA5, g.row_bytes());
@@ -292,12 +315,29 @@ int main(int argc, char** argv) {
       auto got = ticket->wait();
       retrieve_s += seconds_since(t0);
       if (!got) return report(got.error());
-      if (*got != *hit) {
+      served = *got;
+      if (*got > *hit) {
         std::fprintf(stderr, "error: lookup found %zu tokens but retrieve copied %zu\n", *hit, *got);
         ++verify_failures;
+      } else if (*got < *hit) {
+        // A chunk a tier listed could not come up (lost, slow, corrupt): the hit ends there, and
+        // the rest is prefilled. Only in memory is this an error.
+        ++short_retrieves;
+        if (where->memory_tokens > *got) {
+          std::fprintf(stderr, "error: %zu tokens were in memory but retrieve copied %zu\n", where->memory_tokens, *got);
+          ++verify_failures;
+        }
       }
       reused_tokens += *got;
+      if (*got == *hit) {
+        memory_hit_tokens += where->memory_tokens;
+        for (std::size_t j = 0; j < where->tiers.size(); ++j) {
+          if (tier_hit_tokens.size() <= j) tier_hit_tokens.emplace_back(std::string(where->tiers[j].tier), 0);
+          tier_hit_tokens[j].second += where->tiers[j].tokens;
+        }
+      }
       for (const std::size_t t : sample) {
+        if (t >= served) continue;  // not delivered: prefilled below
         ++sampled;
         std::size_t bad_rows = 0;
         for (std::size_t l = 0; l < g.num_layers; ++l)
@@ -311,12 +351,12 @@ int main(int argc, char** argv) {
 
     // "Prefill" the tokens that were not cached.
     const auto t1 = clock_type::now();
-    for (std::size_t t = *hit; t < n; ++t)
+    for (std::size_t t = served; t < n; ++t)
       for (std::size_t l = 0; l < g.num_layers; ++l)
         for (std::size_t p = 0; p < 2; ++p)
           fill_row(cache.row(l, p, table, t), g.row_bytes(), row_seed(tokens[t], t, l, p));
     prefill_s += seconds_since(t1);
-    computed_tokens += n - *hit;
+    computed_tokens += n - served;
 
     const auto t2 = clock_type::now();
     auto ticket = engine->store(tokens, *layout, table);
@@ -345,6 +385,7 @@ int main(int argc, char** argv) {
                   seconds_since(t_start));
     }
   }
+  engine->flush();  // the tiers hold every stored chunk before the table is printed
   const double wall = seconds_since(t_start);
   const auto s = engine->stats();
 
@@ -356,6 +397,19 @@ int main(int argc, char** argv) {
   std::printf("%-30s %llu (%s of KV)\n", "tokens not recomputed", u(reused_tokens),
               size_str(reused_tokens * token_bytes).c_str());
   std::printf("%-30s %llu\n", "tokens prefilled", u(computed_tokens));
+  std::uint64_t below = 0;
+  if (!s.tiers.empty()) {
+    std::printf("%-30s %llu\n", "  of the hits, from memory", u(memory_hit_tokens));
+    for (const auto& [name, n] : tier_hit_tokens) {
+      std::printf("%-30s %llu\n", ("  of the hits, from " + name).c_str(), u(n));
+      below += n;
+    }
+    for (const auto& t : s.tiers)
+      std::printf("%-30s %llu written, %llu read, %llu errors, %llu entries (%s)\n", (t.name + " tier").c_str(),
+                  u(t.tier.writes), u(t.tier.hits), u(t.tier.errors()), u(t.tier.entries), size_str(t.tier.bytes_held).c_str());
+    std::printf("%-30s %llu queued, %llu dropped\n", "demotions", u(s.demotions_queued), u(s.demotions_dropped));
+    std::printf("%-30s %llu\n", "retrieves short of the lookup", u(short_retrieves));
+  }
   std::printf("%-30s %llu\n", "chunks stored", u(s.stored_chunks));
   std::printf("%-30s %llu\n", "chunks evicted", u(s.evictions));
   std::printf("%-30s %llu\n", "chunks deduplicated", u(s.deduplicated_chunks));
@@ -384,5 +438,96 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "error: %llu verify failures\n", u(verify_failures));
     return 1;
   }
+  if (o.require_tier_hits && below == 0) {
+    std::fprintf(stderr, "error: --require-tier-hits: no hit came from a tier below memory\n");
+    return 1;
+  }
   return 0;
+}
+
+#if defined(KVORTEX_WITH_XXHASH)
+// The tiers asked for, opened; their namespace is the engine's.
+kvortex::result<kvortex::disk_tier> open_disk(const options& o, const kvortex::engine_config& cfg) {
+  kvortex::disk_tier_config d;
+  d.directory = o.disk;
+  d.capacity_bytes = std::uint64_t{o.disk_mib} << 20;
+  auto ns = kvortex::tier_namespace<kvortex::sha256_hasher>(cfg);
+  if (!ns) return std::unexpected(ns.error());
+  d.ns = *ns;
+  return kvortex::disk_tier::open(d);
+}
+#endif
+#if defined(KVORTEX_DEMO_REDIS)
+kvortex::result<kvortex::redis_tier> open_redis(const options& o, const kvortex::engine_config& cfg) {
+  kvortex::redis_tier_config r;
+  auto ep = kvortex::redis_endpoint::parse(o.redis);
+  if (!ep) return std::unexpected(ep.error());
+  r.servers = {*ep};
+  r.require_connection = true;  // a demo pointed at a server that is not there should say so
+  r.command_timeout = std::chrono::milliseconds(2000);  // 8 MiB chunks on a busy machine
+  auto ns = kvortex::tier_namespace<kvortex::sha256_hasher>(cfg);
+  if (!ns) return std::unexpected(ns.error());
+  r.ns = *ns;
+  return kvortex::redis_tier::open(r);
+}
+#endif
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  options o;
+  bool help = false;
+  if (!parse(argc, argv, o, help)) return 2;
+  if (help) {
+    usage(stdout);
+    return 0;
+  }
+  // What an operator must hear about (a tier lost, corrupt entries, dropped demotions) to stderr.
+  kvortex::set_log_sink(kvortex::stderr_log_sink(), kvortex::log_level::warning);
+  kvortex::engine_config cfg;
+  cfg.ns.model_id = o.m.name;
+  cfg.geometry = o.m.geometry;
+  cfg.chunk_tokens = o.chunk_tokens;
+  cfg.block_tokens = block_tokens;
+  cfg.capacity_bytes = o.capacity_mib << 20;
+  cfg.tiering.write = kvortex::write_policy::write_through;
+
+  if (o.disk.empty() && o.redis.empty()) {
+    auto engine = kvortex::host_engine::create(cfg);
+    if (!engine) return report(engine.error());
+    return run(*engine, o, cfg, "host_engine");
+  }
+#if !defined(KVORTEX_WITH_XXHASH)
+  std::fprintf(stderr, "error: --disk and --redis need xxHash (Debian: libxxhash-dev) when KVortex is configured\n");
+  return 2;
+#else
+  if (!o.disk.empty() && o.redis.empty()) {
+    auto disk = open_disk(o, cfg);
+    if (!disk) return report(disk.error());
+    auto engine = kvortex::tiered_host_engine<kvortex::disk_tier>::create(
+        cfg, kvortex::tiered_backend<kvortex::cpu_backend, kvortex::disk_tier>(kvortex::cpu_backend{}, std::move(*disk)));
+    if (!engine) return report(engine.error());
+    return run(*engine, o, cfg, "host_engine + disk tier (" + o.disk + ")");
+  }
+#if !defined(KVORTEX_DEMO_REDIS)
+  std::fprintf(stderr, "error: --redis needs hiredis (Debian: libhiredis-dev) when KVortex is configured\n");
+  return 2;
+#else
+  auto redis = open_redis(o, cfg);
+  if (!redis) return report(redis.error());
+  if (o.disk.empty()) {
+    auto engine = kvortex::tiered_host_engine<kvortex::redis_tier>::create(
+        cfg, kvortex::tiered_backend<kvortex::cpu_backend, kvortex::redis_tier>(kvortex::cpu_backend{}, std::move(*redis)));
+    if (!engine) return report(engine.error());
+    return run(*engine, o, cfg, "host_engine + Redis tier (" + o.redis + ")");
+  }
+  auto disk = open_disk(o, cfg);
+  if (!disk) return report(disk.error());
+  auto engine = kvortex::tiered_host_engine<kvortex::disk_tier, kvortex::redis_tier>::create(
+      cfg, kvortex::tiered_backend<kvortex::cpu_backend, kvortex::disk_tier, kvortex::redis_tier>(
+               kvortex::cpu_backend{}, std::move(*disk), std::move(*redis)));
+  if (!engine) return report(engine.error());
+  return run(*engine, o, cfg, "host_engine + disk tier (" + o.disk + ") + Redis tier (" + o.redis + ")");
+#endif
+#endif
 }

@@ -24,7 +24,10 @@ step() { printf '\n===== leak-check: %s\n' "$*"; }
 die() { printf 'leak-check: %s\n' "$*" >&2; exit 1; }
 
 # Each example and its arguments, as in the README and examples/CMakeLists.txt.
-examples=(quickstart custom_policy "kvortex-demo --quick" gpu_offload)
+leak_disk="${TMPDIR:-/tmp}/kvortex-leak-check-disk.$$"
+examples=(quickstart custom_policy "kvortex-demo --quick" "kvortex-demo --quick --disk ${leak_disk}"
+          "kvortex-demo --quick --disk ${leak_disk} --require-tier-hits" gpu_offload)
+trap 'rm -rf "${leak_disk}"' EXIT
 
 mode=lsan
 unit=yes
@@ -40,7 +43,7 @@ done
 if [[ "${mode}" == lsan ]]; then
   step "probe: is a deliberate leak reported?"
   probe_dir="$(mktemp -d)"
-  trap 'rm -rf "${probe_dir}"' EXIT
+  trap 'rm -rf "${probe_dir}" "${leak_disk}"' EXIT
   cat >"${probe_dir}/probe.cpp" <<'EOF'
 #include <cstdlib>
 void* volatile sink;
