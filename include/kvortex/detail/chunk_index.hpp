@@ -29,6 +29,9 @@ class eviction_sink {
   virtual bool adopt(const chunk_key& k, Handle h, std::size_t bytes) noexcept = 0;
   /// Frees the memory of one adopted chunk still waiting (its demotion is dropped); false if none.
   virtual bool reclaim_one() noexcept = 0;
+  /// Drops one waiting demotion that pins a chunk in the index (write-through) and unpins it, so
+  /// it can be evicted; false if none.
+  virtual bool cancel_one() noexcept = 0;
 
  protected:
   ~eviction_sink() = default;
@@ -238,8 +241,9 @@ class chunk_index {
   }
 
   result<handle_type> reserve_locked(const chunk_key& k, std::size_t bytes) {
+    // A store never waits for a tier: chunks pinned only by waiting demotions are let go first.
     while (used_ + bytes > capacity_)
-      if (!evict_one_locked())
+      if (!evict_one_locked() && !(sink_ != nullptr && sink_->cancel_one()))
         return fail(errc::capacity_exhausted, "no evictable chunk left to make room for " + std::to_string(bytes) + " bytes");
     for (;;) {
       auto h = backend_.reserve(alloc_, k, bytes);
@@ -251,7 +255,7 @@ class chunk_index {
       if (h.error().code != errc::out_of_memory) return std::unexpected(h.error());
       // Memory held by waiting write-back demotions goes first: a store never waits for a tier.
       if (sink_ != nullptr && sink_->reclaim_one()) continue;
-      if (!evict_one_locked()) return std::unexpected(h.error());
+      if (!evict_one_locked() && !(sink_ != nullptr && sink_->cancel_one())) return std::unexpected(h.error());
     }
   }
 

@@ -55,7 +55,7 @@ class tier_pipeline final : public eviction_sink<typename Backend::handle> {
       stop(false);
       return fail(errc::out_of_memory, "tier threads: cannot allocate");
     }
-    index_.set_sink(cfg_.write == write_policy::write_back ? this : nullptr);
+    index_.set_sink(this);
     return {};
   }
 
@@ -104,7 +104,28 @@ class tier_pipeline final : public eviction_sink<typename Backend::handle> {
     ++e.pins;
   }
 
-  bool adopt(const chunk_key& k, handle_type h, std::size_t bytes) noexcept override { return push({k, h, bytes, true}); }
+  /// Write-back only: an evicted chunk no tier holds goes down with its memory.
+  bool adopt(const chunk_key& k, handle_type h, std::size_t bytes) noexcept override {
+    return cfg_.write == write_policy::write_back && push({k, h, bytes, true});
+  }
+
+  bool cancel_one() noexcept override {
+    item victim;
+    {
+      std::lock_guard lk(m_);
+      // The newest: the oldest is about to be written.
+      const auto it = std::find_if(queue_.rbegin(), queue_.rend(), [](const item& i) { return !i.owned; });
+      if (it == queue_.rend()) return false;
+      victim = *it;
+      queue_.erase(std::next(it).base());
+      ++dropped_;
+      --depth_;
+      queued_bytes_ -= victim.bytes;
+      if (queue_.empty() && busy_ == 0) idle_.notify_all();
+    }
+    if (auto* e = index_.find_locked(victim.key)) --e->pins;
+    return true;
+  }
 
   bool reclaim_one() noexcept override {
     item victim;
@@ -117,6 +138,7 @@ class tier_pipeline final : public eviction_sink<typename Backend::handle> {
       ++dropped_;
       --depth_;
       queued_bytes_ -= victim.bytes;
+      if (queue_.empty() && busy_ == 0) idle_.notify_all();
     }
     index_.free_adopted_locked(victim.key, victim.handle);
     return true;
