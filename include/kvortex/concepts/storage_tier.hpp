@@ -16,8 +16,17 @@ namespace kvortex {
 
 /// @brief Keeps chunk bytes outside host memory, with its own index, capacity, eviction and
 /// persistence. The memory tier (`backend`) stays what transfers read and write; a storage tier
-/// only copies whole chunks between its medium and host buffers, on the engine's background
-/// threads, so its latency never sits on a store.
+/// only copies whole chunks between its medium and host buffers. In a `tiered_backend`:
+/// - `put` is called by the engine's tier threads (demotions), never by a store, so its latency
+///   never sits on a store; each demoted chunk is put to every tier;
+/// - `contains` is called by `lookup` (in the caller's thread, once per tier per lookup) and at
+///   the start of a promotion;
+/// - `get` (or `get_many` when the tier has one: `t.get_many(keys, outs) ->
+///   std::vector<result<std::size_t>>`, one pipelined batch) by `retrieve` in the caller's thread
+///   and by `prefetch` on a tier thread, into host memory the engine reserved for the chunk;
+/// - `remove` never by the engine (callers reach it through `get_backend().tier<I>()`);
+/// - `stats` by `engine.stats()`.
+/// None of them is called under the engine's index lock.
 ///
 /// Required, for `T& t`, `const T& ct`, `const chunk_key& k`, `std::span<const std::byte> in`,
 /// `std::span<std::byte> out`, `std::span<const chunk_key> keys`:
