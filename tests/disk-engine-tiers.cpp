@@ -388,3 +388,63 @@ TEST_CASE("engine tiers: a different namespace never sees the chunks") {
   CHECK(*e.lookup(tokens) == 0);
   CHECK(retrieve_checked(e, tokens) == 0);
 }
+
+TEST_CASE("engine tiers: two live engine processes share one directory in shared mode") {
+  scratch_dir d;
+  const auto c = tiered_config(64);
+  const auto tokens = kvt::make_tokens(6 * c.chunk_tokens, 14);
+  auto shared = [&] {
+    auto dc = disk_config(c, d.path);
+    dc.sharing = kvortex::directory_sharing::shared;
+    return dc;
+  };
+  // This process opens its engine first, so it learns of the other's chunks only through the disk.
+  auto tier = disk_tier::open(shared());
+  REQUIRE(tier.has_value());
+  auto mine = disk_engine::create(c, disk_backend(kvortex::cpu_backend{}, std::move(*tier)));
+  REQUIRE(mine.has_value());
+  CHECK(*mine->lookup(tokens) == 0);
+
+  int to_parent[2], to_child[2];
+  REQUIRE(::pipe(to_parent) == 0);
+  REQUIRE(::pipe(to_child) == 0);
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    char ok = 'n';
+    {
+      auto t = disk_tier::open(shared());
+      if (t) {
+        auto e = disk_engine::create(c, disk_backend(kvortex::cpu_backend{}, std::move(*t)));
+        if (e) {
+          kvt::paged_cache src(c.geometry, tokens.size() / c.block_tokens + 1, c.block_tokens);
+          src.fill(tokens, {});
+          auto s = e->store(tokens, src.layout());
+          if (s && s->wait()) {
+            e->flush();
+            if (e->stats().tiers[0].demoted_chunks == 6) ok = 'y';
+          }
+          (void)!::write(to_parent[1], &ok, 1);
+          char done = 0;
+          (void)!::read(to_child[0], &done, 1);  // stay alive (and hold the directory) until the parent read
+        }
+      }
+      if (ok != 'y') (void)!::write(to_parent[1], &ok, 1);
+    }
+    ::_exit(ok == 'y' ? 0 : 1);
+  }
+  char ok = 0;
+  REQUIRE(::read(to_parent[0], &ok, 1) == 1);
+  CHECK(ok == 'y');
+  auto where = mine->lookup_tiers(tokens);
+  REQUIRE(where.has_value());
+  CHECK(where->tiers[0].tokens == tokens.size());
+  CHECK(retrieve_checked(*mine, tokens) == tokens.size());
+  const char done = 'd';
+  REQUIRE(::write(to_child[1], &done, 1) == 1);
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+  for (int fd : {to_parent[0], to_parent[1], to_child[0], to_child[1]}) ::close(fd);
+}
