@@ -10,6 +10,8 @@ packages=(
   clang-19  # the header check compiles every public header with clang++-19 too
   libfuzzer-19-dev libclang-rt-19-dev  # libFuzzer targets and clang's sanitizer runtimes
   redis-server libhiredis-dev  # the Redis tier and the redis-server processes its tests start
+  liburing-dev  # the disk tier's io_uring engine (optional: without it the tier uses pread/pwrite)
+  libtomlplusplus-dev  # TOML deployment files (kvortex/deployment_config.hpp; optional: without it only settings and the environment)
 )
 
 missing=()

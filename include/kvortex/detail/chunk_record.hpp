@@ -18,18 +18,10 @@
 #include <string_view>
 #include <vector>
 
+#include "kvortex/detail/chunk_record_format.hpp"
 #include "kvortex/detail/xxhash_include.hpp"
 
 #include "kvortex/types.hpp"
-
-namespace kvortex {
-
-/// @brief 32 bytes that identify a namespace (model, dtype, layout, rank, salt) in stored records,
-/// supplied by whoever builds the tier (the engine passes its root key). A record written under
-/// another namespace is foreign: never served.
-using namespace_digest = std::array<std::byte, 32>;
-
-}  // namespace kvortex
 
 namespace kvortex::detail {
 
@@ -54,9 +46,7 @@ inline constexpr std::array<std::byte, 8> chunk_record_magic{std::byte{0x8B}, st
 inline constexpr std::uint16_t chunk_record_version = 1;
 inline constexpr std::size_t chunk_record_fixed_bytes = 128;
 inline constexpr std::size_t chunk_record_max_header_bytes = 64 * 1024;
-/// Disk files pad the header and the payload's end to this block, the largest direct-I/O
-/// alignment in common use, so the payload can be read straight into an aligned buffer.
-inline constexpr std::size_t chunk_record_block = 4096;
+// chunk_record_block (the disk files' block) is in chunk_record_format.hpp.
 
 /// @brief Why a record was refused. Every value but `ok` makes the record a miss.
 enum class record_error : std::uint8_t {

@@ -39,87 +39,16 @@
 
 #include "kvortex/concepts/storage_tier.hpp"
 #include "kvortex/detail/chunk_record.hpp"
+#include "kvortex/detail/disk_io.hpp"
 #include "kvortex/error.hpp"
 #include "kvortex/eviction/lru_eviction.hpp"
+#include "kvortex/logging.hpp"
 #include "kvortex/stats.hpp"
+#include "kvortex/tiers/disk_tier_config.hpp"
 #include "kvortex/tiers/tier_stats.hpp"
 #include "kvortex/types.hpp"
 
 namespace kvortex {
-
-/// @brief When a disk write is forced to stable storage before `put` returns. A process crash
-/// (SIGKILL included) loses no acknowledged chunk under any policy, since the kernel keeps what
-/// was written; the policies differ on power loss or a kernel crash.
-enum class fsync_policy : std::uint8_t {
-  never,               ///< no fsync: after power loss recent chunks may be missing (never wrong: checksums)
-  data,                ///< fdatasync the file before it is renamed into place: its bytes are durable,
-                       ///< its directory entry may still be lost with power
-  data_and_directory,  ///< also fsync the directory after the rename: an acknowledged chunk survives power loss
-};
-
-/// @brief Whether chunk files are read and written with O_DIRECT (bypassing the page cache).
-enum class direct_io_mode : std::uint8_t {
-  automatic,  ///< O_DIRECT if a probe write in the directory succeeds, else buffered
-  on,         ///< O_DIRECT or `open` fails with errc::unsupported
-  off,        ///< buffered I/O through the page cache
-};
-
-/// @brief How several tiers (processes) may use one directory.
-enum class directory_sharing : std::uint8_t {
-  /// One tier per directory: `open` takes an exclusive flock on `<directory>/.lock` and fails
-  /// while another tier, in any process, holds it. The tier removes leftovers freely.
-  exclusive,
-  /// Any number of shared tiers per directory (never together with an exclusive one). Each keeps
-  /// its own index and capacity view; a key missing from its index is looked up on disk (one
-  /// stat), so chunks another process wrote are found. Renames make every file whole, so a reader
-  /// sees an old or a new chunk, never a mix; one process's eviction or removal can delete a
-  /// chunk another just wrote (a later miss there, never wrong bytes). Temporary files are
-  /// removed on open only when older than `stale_temp_seconds`.
-  shared,
-};
-
-/// @brief How a `disk_tier` is set up. `validate()` is called by `disk_tier::open`.
-struct disk_tier_config {
-  std::string directory;              ///< root of the chunk files; created (with parents) if missing
-  std::uint64_t capacity_bytes{0};    ///< limit on the bytes of the chunk files (headers, padding included)
-  namespace_digest ns{};              ///< written into every file; files of another namespace are misses
-  fsync_policy fsync{fsync_policy::never};
-  direct_io_mode direct_io{direct_io_mode::automatic};
-  directory_sharing sharing{directory_sharing::exclusive};
-  /// Read and check every file's header while rebuilding the index on open (foreign, truncated
-  /// and mislabelled files are then removed at once rather than at their first `get`). Costs one
-  /// small read per file.
-  bool verify_on_open{false};
-  /// Exclusive mode: on close, write `<directory>/.index` (every entry's key, size and inode, in
-  /// eviction order); on open, take the size and LRU place of every file whose inode is unchanged
-  /// from it instead of a stat each (the snapshot is removed once read, so a crash leaves none).
-  /// Files replaced or added since are stat'ed as without it; a damaged snapshot is ignored. A
-  /// file changed in place outside the tier (truncated, overwritten) keeps its inode, so it is
-  /// found at its first `get`, like any corrupt file, not on open (`verify_on_open` finds it on
-  /// open either way).
-  bool index_snapshot{true};
-  std::uint64_t max_chunk_bytes{std::uint64_t{1} << 32};  ///< larger payloads are refused
-  std::uint32_t stale_temp_seconds{3600};  ///< shared mode: age after which a temporary file is a leftover
-
-  /// @brief Checks every field; the error names the first bad one.
-  [[nodiscard]] result<void> validate() const {
-    if (directory.empty()) return fail(errc::invalid_config, "disk_tier_config.directory is empty");
-    if (capacity_bytes < 2 * detail::chunk_record_block)
-      return fail(errc::invalid_config, "disk_tier_config.capacity_bytes (" + std::to_string(capacity_bytes) +
-                                            ") is below one minimal chunk file (" +
-                                            std::to_string(2 * detail::chunk_record_block) + " bytes)");
-    if (max_chunk_bytes == 0 || max_chunk_bytes > (std::uint64_t{1} << 40))
-      return fail(errc::invalid_config, "disk_tier_config.max_chunk_bytes must be in [1, 2^40], got " +
-                                            std::to_string(max_chunk_bytes));
-    if (fsync != fsync_policy::never && fsync != fsync_policy::data && fsync != fsync_policy::data_and_directory)
-      return fail(errc::invalid_config, "disk_tier_config.fsync is not a fsync_policy value");
-    if (direct_io != direct_io_mode::automatic && direct_io != direct_io_mode::on && direct_io != direct_io_mode::off)
-      return fail(errc::invalid_config, "disk_tier_config.direct_io is not a direct_io_mode value");
-    if (sharing != directory_sharing::exclusive && sharing != directory_sharing::shared)
-      return fail(errc::invalid_config, "disk_tier_config.sharing is not a directory_sharing value");
-    return {};
-  }
-};
 
 /// @brief What `disk_tier::open` found while rebuilding the index.
 struct disk_recovery {
@@ -133,82 +62,6 @@ struct disk_recovery {
 };
 
 namespace detail {
-
-/// The I/O the disk tier does, in one place: whole-buffer positional transfers of an iovec list.
-/// An io_uring engine would replace these with submissions of the same iovecs.
-namespace disk_io {
-
-/// Every byte of `iov` from/to `fd` at `offset`: the bytes moved (fewer only when a read meets the
-/// end of the file), or -errno. Consumes `iov`.
-template <bool write>
-[[nodiscard]] inline std::int64_t transfer(int fd, std::span<iovec> iov, off_t offset) noexcept {
-  std::size_t first = 0;
-  std::int64_t done = 0;
-  while (first < iov.size()) {
-    if (iov[first].iov_len == 0) {
-      ++first;
-      continue;
-    }
-    const int count = static_cast<int>(std::min<std::size_t>(iov.size() - first, IOV_MAX));
-    const ssize_t n = write ? ::pwritev(fd, &iov[first], count, offset) : ::preadv(fd, &iov[first], count, offset);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return -errno;
-    }
-    if (n == 0) {
-      if (write) return -EIO;
-      break;
-    }
-    done += n;
-    offset += n;
-    auto left = static_cast<std::size_t>(n);
-    while (left > 0 && first < iov.size()) {
-      if (left >= iov[first].iov_len) {
-        left -= iov[first].iov_len;
-        ++first;
-      } else {
-        iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + left;
-        iov[first].iov_len -= left;
-        left = 0;
-      }
-    }
-  }
-  return done;
-}
-
-[[nodiscard]] inline std::string errno_text(int e) { return std::error_code(e, std::generic_category()).message(); }
-
-/// A file descriptor closed on scope exit.
-class unique_fd {
- public:
-  unique_fd() = default;
-  explicit unique_fd(int fd) noexcept : fd_(fd) {}
-  unique_fd(unique_fd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
-  unique_fd& operator=(unique_fd&& o) noexcept {
-    if (this != &o) {
-      reset();
-      fd_ = std::exchange(o.fd_, -1);
-    }
-    return *this;
-  }
-  unique_fd(const unique_fd&) = delete;
-  unique_fd& operator=(const unique_fd&) = delete;
-  ~unique_fd() { reset(); }
-  [[nodiscard]] int get() const noexcept { return fd_; }
-  [[nodiscard]] explicit operator bool() const noexcept { return fd_ >= 0; }
-  /// Closes now; returns close()'s errno, 0 on success.
-  int reset() noexcept {
-    int e = 0;
-    if (fd_ >= 0 && ::close(fd_) != 0) e = errno;
-    fd_ = -1;
-    return e;
-  }
-
- private:
-  int fd_{-1};
-};
-
-}  // namespace disk_io
 
 /// Relative paths of a chunk's files under the tier's root: `hh/<64 hex digits>`, the fan-out
 /// directory `hh` being the key's first byte.
@@ -280,6 +133,18 @@ struct disk_paths {
   return reinterpret_cast<std::uintptr_t>(p) % a == 0;
 }
 
+/// The header block `encode_chunk_header(head, ns, k, payload, chunk_record_block)` writes, for a
+/// payload of `payload_bytes` whose XXH3-64 is `payload_sum`: a writer that hashes the payload
+/// while its blocks are being written, and writes the header last, builds it from the sum.
+inline void encode_disk_header_with_sum(std::span<std::byte> head, const namespace_digest& ns, const chunk_key& k,
+                                        std::uint64_t payload_bytes, std::uint64_t payload_sum) noexcept {
+  using namespace record_codec;
+  (void)encode_chunk_header(head, ns, k, {}, chunk_record_block);
+  put_le(head.data() + off_payload_bytes, payload_bytes, 8);
+  put_le(head.data() + off_payload_sum, payload_sum, 8);
+  put_le(head.data() + off_header_sum, XXH3_64bits(head.data(), off_header_sum), 8);
+}
+
 }  // namespace detail
 
 /// @brief Chunks as files under a local directory, with a byte capacity, LRU eviction, checksums
@@ -294,12 +159,21 @@ struct disk_paths {
 ///
 /// Writes: to `hh/.tmp.<key>.<pid>.<n>` (created with O_EXCL), synced as `fsync_policy` says,
 /// renamed over the entry: a file under an entry's name is always complete, and a crash leaves at
-/// most a temporary file, removed by the next open. Each file moves in one `pwritev`/`preadv`
-/// (header block, the caller's buffer, a tail block), with O_DIRECT when the filesystem accepts it
-/// (probed on open) and the caller's buffer is 4 KiB aligned, buffered otherwise; the payload goes
-/// straight between the caller's buffer and the file. All I/O goes through `detail::disk_io`, the
-/// place where an io_uring engine (submitting the same iovecs, and hashing one segment while the
-/// next is in flight) would plug in.
+/// most a temporary file, removed by the next open. A file is the header block, the caller's
+/// buffer and a tail block (the last partial block, or padding), with O_DIRECT when the
+/// filesystem accepts it (probed on open) and the caller's buffer is 4 KiB aligned, buffered
+/// otherwise; the payload goes straight between the caller's buffer and the file. How the bytes
+/// move is `disk_tier_config::io_engine` (`io_engine()` says which `open` chose):
+/// - io_uring (liburing): the payload goes as requests of `io_request_bytes`, up to
+///   `io_queue_depth` in flight from the one calling thread. A put submits them (after a
+///   `fallocate` of the file when direct, so the requests do not queue behind each other as
+///   writes past the end of a file do), hashes the payload meanwhile and writes the header
+///   block, which carries the checksum, last; a get hashes each piece as it arrives while later
+///   ones are still being read. Each calling thread uses a ring of its own, made at its first
+///   call and kept for the next.
+/// - posix: one `pwritev`/`preadv` per file, the checksum computed before the write or after
+///   the read. Also the fallback of a call for which no ring can be made.
+/// All I/O goes through `detail::disk_io`.
 ///
 /// Open: exclusive (default) or shared use of the directory, see `directory_sharing`. The index is
 /// rebuilt from the fan-out directories: the snapshot the last clean close wrote supplies the size
@@ -319,7 +193,9 @@ struct disk_paths {
 /// Thread-safe: any number of threads may call any member at once; each call does its own I/O, so
 /// requests from different threads are in flight together. Capacity is accounted in file bytes
 /// (the filesystem's own block and inode overhead is not counted). Movable; a moved-from tier
-/// answers every call with errc::shut_down (or nothing). Linux only (O_DIRECT, flock).
+/// answers every call with errc::shut_down (or nothing). A child made by `fork` opens a tier of
+/// its own: the lock and the io_uring rings belong to the process that opened the tier. Linux
+/// only (O_DIRECT, flock).
 class disk_tier {
  public:
   static constexpr std::string_view name = "disk";
@@ -330,13 +206,16 @@ class disk_tier {
   /// Fails with errc::invalid_config for a bad `cfg`, errc::backend_failure when the directory
   /// cannot be created or opened or another tier holds it (the message says which, and the pid of
   /// an exclusive holder), errc::unsupported for `direct_io_mode::on` on a filesystem without
-  /// O_DIRECT.
+  /// O_DIRECT, and for `disk_io_engine::io_uring` when the build lacks liburing or the kernel
+  /// refuses a ring (`automatic` then falls back to `posix` and logs it at info level).
   [[nodiscard]] static result<disk_tier> open(const disk_tier_config& cfg) {
     if (auto v = cfg.validate(); !v) return std::unexpected(std::move(v.error()));
     auto st = std::make_unique<state>();
     st->cfg = cfg;
     if (auto r = st->open_directory(); !r) return std::unexpected(std::move(r.error()));
+    if (auto r = st->choose_engine(); !r) return std::unexpected(std::move(r.error()));
     if (auto r = st->rebuild_index(); !r) return std::unexpected(std::move(r.error()));
+    st->log_open();
     return disk_tier(std::move(st));
   }
 
@@ -377,6 +256,9 @@ class disk_tier {
 
   /// @brief Whether aligned requests use O_DIRECT.
   [[nodiscard]] bool direct_io() const noexcept { return s_ && s_->direct; }
+  /// @brief The interface `open` chose for the files' bytes: `io_uring` or `posix`, never
+  /// `automatic` (`posix` for a moved-from tier).
+  [[nodiscard]] disk_io_engine io_engine() const noexcept { return s_ ? s_->engine : disk_io_engine::posix; }
   /// @brief What the index rebuild on open found.
   [[nodiscard]] disk_recovery recovery() const noexcept { return s_ ? s_->recovered : disk_recovery{}; }
   /// @brief The configuration the tier was opened with.
@@ -399,6 +281,10 @@ class disk_tier {
     disk_tier_config cfg;
     detail::disk_io::unique_fd dir_fd, lock_fd;
     bool direct{false};
+    disk_io_engine engine{disk_io_engine::posix};
+#ifdef KVORTEX_HAS_LIBURING
+    std::unique_ptr<detail::disk_io::ring_pool> rings;
+#endif
     bool opened{false};  // locked and indexed: the snapshot on close is ours to write
     long pid{0};
     disk_recovery recovered;
@@ -473,14 +359,21 @@ class disk_tier {
                                         static_cast<std::int64_t>(bytes.size());
       fd.reset();
       ::unlinkat(dir_fd.get(), ".index", 0);
-      if (!read_ok) return m;
+      const auto ignored = [&](const char* why) {
+        if (detail::log_enabled(log_level::warning))
+          detail::log(log_level::warning, "disk", "snapshot_ignored",
+                      "disk tier: index snapshot " + where(".index") + " ignored (" + why +
+                          "); every file is stat'ed instead");
+        return snapshot_map{};
+      };
+      if (!read_ok) return ignored(sized ? "unreadable" : "wrong size");
       const std::byte* p = bytes.data();
       const std::size_t body = bytes.size() - 8;
       const std::uint64_t count = get_le(p + 8, 8);
       if (std::memcmp(p, snapshot_magic.data(), snapshot_magic.size()) != 0 ||
-          std::memcmp(p + 16, cfg.ns.data(), cfg.ns.size()) != 0 || count != (body - snapshot_head) / snapshot_entry ||
-          get_le(p + body, 8) != XXH3_64bits(p, body))
-        return m;
+          count != (body - snapshot_head) / snapshot_entry || get_le(p + body, 8) != XXH3_64bits(p, body))
+        return ignored("damaged");
+      if (std::memcmp(p + 16, cfg.ns.data(), cfg.ns.size()) != 0) return ignored("written under another namespace");
       m.reserve(static_cast<std::size_t>(count));
       for (std::uint64_t i = 0; i < count; ++i) {
         const std::byte* e = p + snapshot_head + i * snapshot_entry;
@@ -611,6 +504,60 @@ class disk_tier {
       fd.reset();
       ::unlinkat(dir_fd.get(), name, 0);
       return ok;
+    }
+
+    // io_uring when asked for (or automatic) and a ring works here, else pread/pwrite.
+    result<void> choose_engine() {
+      engine = disk_io_engine::posix;
+      if (cfg.io_engine == disk_io_engine::posix) return {};
+      std::string why;
+#ifdef KVORTEX_HAS_LIBURING
+      rings = std::make_unique<detail::disk_io::ring_pool>(cfg.io_queue_depth);
+      int e = 0;
+      auto r = rings->take(e);
+      if (r) e = r->probe();
+      if (r && e == 0) {
+        rings->give(std::move(r));
+        engine = disk_io_engine::io_uring;
+        return {};
+      }
+      r.reset();
+      rings.reset();
+      why = "the kernel refused an io_uring (" + detail::disk_io::errno_text(e) +
+            "; seccomp or kernel.io_uring_disabled may forbid it)";
+#else
+      why = "this build has no liburing (KVORTEX_WITH_LIBURING)";
+#endif
+      if (cfg.io_engine == disk_io_engine::io_uring)
+        return fail(errc::unsupported, "disk tier: io_engine io_uring for " + cfg.directory + ": " + why);
+      if (detail::log_enabled(log_level::info))
+        detail::log(log_level::info, "disk", "io_uring_unavailable",
+                    "disk tier " + cfg.directory + ": " + why + "; using pread/pwrite");
+      return {};
+    }
+
+    void log_open() const {
+      if (detail::log_enabled(log_level::info))
+        detail::log(log_level::info, "disk", "index_rebuilt",
+                    "disk tier " + cfg.directory + ": " + std::to_string(recovered.entries) + " entries (" +
+                        std::to_string(recovered.bytes) + " bytes, " + std::to_string(recovered.from_snapshot) +
+                        " from the snapshot) indexed in " + std::to_string(recovered.seconds) + " s; removed " +
+                        std::to_string(recovered.stale_removed) + " temporary, " +
+                        std::to_string(recovered.invalid_removed) + " invalid and " +
+                        std::to_string(recovered.evicted) + " over-capacity files; io_engine " +
+                        std::string(to_string(engine)) + ", direct I/O " + (direct ? "on" : "off"));
+      if (recovered.invalid_removed != 0 && detail::log_enabled(log_level::warning))
+        detail::log(log_level::warning, "disk", "corrupt_entry_removed",
+                    "disk tier " + cfg.directory + ": " + std::to_string(recovered.invalid_removed) +
+                        " empty, truncated" + (cfg.verify_on_open ? ", foreign or corrupt" : "") +
+                        " chunk files removed on open");
+    }
+
+    // A write that failed with errno `e` (0: not an errno), already described by `message`.
+    static void log_write_failure(int e, const std::string& message) noexcept {
+      const bool full = e == ENOSPC || e == EFBIG || e == EDQUOT;
+      if (detail::log_enabled(log_level::error))
+        detail::log(log_level::error, "disk", full ? "disk_full" : "write_failed", message);
     }
 
     struct found_file {
@@ -830,6 +777,7 @@ class disk_tier {
       }
       if (auto r = install(k, written->first, file_bytes, written->second); !r) {
         write_errors.fetch_add(1, std::memory_order_relaxed);
+        log_write_failure(0, r.error().message);
         return r;
       }
       writes.fetch_add(1, std::memory_order_relaxed);
@@ -857,6 +805,7 @@ class disk_tier {
         const int e = errno;
         std::string msg = "disk tier: cannot create " + where(tmp.data()) + ": " + errno_text(e);
         if (e == ENOSPC || e == EDQUOT) msg += " (disk full)";
+        log_write_failure(e, msg);
         return fail(errc::backend_failure, std::move(msg));
       }
       const auto failed = [&](const std::string& what, int e) {
@@ -864,12 +813,12 @@ class disk_tier {
         ::unlinkat(dir_fd.get(), tmp.data(), 0);
         std::string msg = "disk tier: " + what + " " + where(tmp.data()) + " failed: " + errno_text(e);
         if (e == ENOSPC || e == EFBIG || e == EDQUOT) msg += " (disk full)";
+        log_write_failure(e, msg);
         return fail(errc::backend_failure, std::move(msg));
       };
 
       alignas(block) std::array<std::byte, block> head;
       alignas(block) std::array<std::byte, block> tail;
-      (void)detail::encode_chunk_header(head, cfg.ns, k, bytes, block);
       // Buffered, the caller's bytes go whole and `tail` is only the padding; direct, the last
       // partial block is copied into `tail` so every transfer is whole blocks.
       const std::size_t body = use_direct ? bytes.size() / block * block : bytes.size();
@@ -885,11 +834,20 @@ class disk_tier {
         pad = static_cast<std::size_t>(detail::disk_entry_bytes(bytes.size()) - block - bytes.size());
         std::memset(tail.data(), 0, pad);
       }
-      std::array<iovec, 3> iov{{{head.data(), head.size()},
-                                {const_cast<std::byte*>(bytes.data()), body},
-                                {tail.data(), use_direct ? tail_bytes : pad}}};
+      const std::size_t tail_len = use_direct ? tail_bytes : pad;
       const std::uint64_t total = detail::disk_entry_bytes(bytes.size());
-      const std::int64_t n = detail::disk_io::transfer<true>(fd.get(), iov, 0);
+      std::optional<std::int64_t> moved;
+#ifdef KVORTEX_HAS_LIBURING
+      if (engine == disk_io_engine::io_uring) moved = write_through_ring(fd.get(), k, bytes, head, body, tail.data(), tail_len, use_direct);
+#endif
+      if (!moved) {  // posix, or no ring to be had for this call
+        (void)detail::encode_chunk_header(head, cfg.ns, k, bytes, block);
+        std::array<iovec, 3> iov{{{head.data(), head.size()},
+                                  {const_cast<std::byte*>(bytes.data()), body},
+                                  {tail.data(), tail_len}}};
+        moved = detail::disk_io::transfer<true>(fd.get(), iov, 0);
+      }
+      const std::int64_t n = *moved;
       if (n < 0) return failed("writing", static_cast<int>(-n));
       if (static_cast<std::uint64_t>(n) != total) return failed("writing", EIO);
       if (cfg.fsync != fsync_policy::never && ::fdatasync(fd.get()) != 0) {
@@ -904,6 +862,55 @@ class disk_tier {
       if (const int e = fd.reset(); e != 0) return failed("closing", e);
       return std::pair{tmp, static_cast<std::uint64_t>(sb.st_ino)};
     }
+
+#ifdef KVORTEX_HAS_LIBURING
+    // The entry's bytes through a ring: the payload's requests (and the tail block) are submitted
+    // first and the payload is hashed while they are in flight; the header block, which carries
+    // the checksum, goes last (the file is a temporary until renamed, so the order is free).
+    // Bytes written or -errno; nothing when no ring can be had (the caller writes with pwritev).
+    std::optional<std::int64_t> write_through_ring(int fd, const chunk_key& k, std::span<const std::byte> bytes,
+                                                   std::span<std::byte, block> head, std::size_t body,
+                                                   std::byte* tail, std::size_t tail_len, bool use_direct) {
+      int e = 0;
+      auto r = rings->take(e);
+      if (!r) return std::nullopt;
+      const std::size_t seg = cfg.io_request_bytes;
+      if (!r->begin(fd, true, (body + seg - 1) / seg + 2)) {
+        rings->give(std::move(r));
+        return std::nullopt;
+      }
+      // Direct writes past the end of a file are serialized (and waited for) by ext4 and XFS;
+      // allocated first, the file takes its requests side by side. A filesystem without
+      // fallocate just writes as it would have. A full disk (or RLIMIT_FSIZE) fails here.
+      if (use_direct) {
+        int rc;
+        do rc = ::fallocate(fd, 0, 0, static_cast<off_t>(detail::disk_entry_bytes(bytes.size())));
+        while (rc != 0 && errno == EINTR);
+        if (rc != 0 && errno != EOPNOTSUPP && errno != ENOSYS) {
+          const int fe = errno;
+          rings->give(std::move(r));
+          return -static_cast<std::int64_t>(fe);
+        }
+      }
+      auto* const src = const_cast<std::byte*>(bytes.data());  // only read, by the kernel
+      for (std::size_t off = 0; off < body; off += seg) r->push(src + off, std::min(seg, body - off), block + off);
+      if (tail_len != 0) r->push(tail, tail_len, block + body);
+      r->pump(false);
+      XXH3_state_t hs;
+      (void)XXH3_64bits_reset(&hs);
+      for (std::size_t off = 0; off < bytes.size(); off += seg) {
+        (void)XXH3_64bits_update(&hs, bytes.data() + off, std::min(seg, bytes.size() - off));
+        r->pump(false);
+      }
+      detail::encode_disk_header_with_sum(head, cfg.ns, k, bytes.size(), XXH3_64bits_digest(&hs));
+      r->push(head.data(), head.size(), 0);
+      while (r->busy()) r->pump(true);
+      const int err = r->error();
+      rings->give(std::move(r));
+      if (err != 0) return -static_cast<std::int64_t>(err);
+      return static_cast<std::int64_t>(detail::disk_entry_bytes(bytes.size()));
+    }
+#endif
 
     // Renames the temporary file over `k`'s entry and indexes it.
     result<void> install(const chunk_key& k, const detail::disk_paths::buffer& tmp, std::uint64_t file_bytes,
@@ -991,8 +998,11 @@ class disk_tier {
       const auto corrupt = [&](detail::record_error why) -> result<std::size_t> {
         drop_entry(k, ino);
         corrupt_removed.fetch_add(1, std::memory_order_relaxed);
-        return fail(errc::not_found, "disk tier: chunk file " + where(rel.data()) + " is invalid (" +
-                                         std::string(detail::to_string(why)) + "); removed");
+        std::string msg = "disk tier: chunk file " + where(rel.data()) + " is invalid (" +
+                          std::string(detail::to_string(why)) + "); removed";
+        if (detail::log_enabled(log_level::warning))
+          detail::log(log_level::warning, "disk", "corrupt_entry_removed", msg);
+        return fail(errc::not_found, std::move(msg));
       };
       if (file_bytes < 2 * block || file_bytes % block != 0) return corrupt(detail::record_error::truncated);
 
@@ -1013,10 +1023,23 @@ class disk_tier {
       if (use_direct) body = body / block * block;
       const auto rest = static_cast<std::size_t>(span_bytes - body);  // < 2 blocks buffered, 0 or 1 block direct
       if (rest > block) return corrupt(detail::record_error::trailing_bytes);
-      std::array<iovec, 3> iov{{{head.data(), head.size()}, {out.data(), body}, {tail.data(), rest}}};
-      const std::int64_t n = detail::disk_io::transfer<false>(fd.get(), iov, 0);
-      if (n < 0)
-        return fail(errc::backend_failure, "disk tier: reading " + where(rel.data()) + " failed: " + errno_text(static_cast<int>(-n)));
+      std::optional<std::int64_t> moved;
+      XXH3_state_t hs;  // io_uring: the payload's hash so far, taken while later blocks were read
+      std::size_t hashed = 0;
+#ifdef KVORTEX_HAS_LIBURING
+      if (engine == disk_io_engine::io_uring) moved = read_through_ring(fd.get(), k, file_bytes, head, out, body, tail.data(), rest, hs, hashed);
+#endif
+      const bool hashing = moved.has_value();
+      if (!moved) {  // posix, or no ring to be had for this call
+        std::array<iovec, 3> iov{{{head.data(), head.size()}, {out.data(), body}, {tail.data(), rest}}};
+        moved = detail::disk_io::transfer<false>(fd.get(), iov, 0);
+      }
+      const std::int64_t n = *moved;
+      if (n < 0) {
+        std::string msg = "disk tier: reading " + where(rel.data()) + " failed: " + errno_text(static_cast<int>(-n));
+        if (detail::log_enabled(log_level::error)) detail::log(log_level::error, "disk", "read_failed", msg);
+        return fail(errc::backend_failure, std::move(msg));
+      }
       if (static_cast<std::uint64_t>(n) != file_bytes) return corrupt(detail::record_error::truncated);
 
       const auto info = detail::decode_disk_header(head, file_bytes, expect(k));
@@ -1035,10 +1058,72 @@ class disk_tier {
         pad_in_tail = std::span<const std::byte>(tail.data(), rest);
       }
       if (!detail::record_codec::all_zero(pad_in_out)) return corrupt(detail::record_error::trailing_bytes);
-      if (const auto e = detail::verify_disk_payload(*info, out.first(payload), pad_in_tail); e != detail::record_error::ok)
+      if (hashing) {  // the checks of verify_disk_payload, with the hash taken during the reads
+        if (!detail::record_codec::all_zero(pad_in_tail)) return corrupt(detail::record_error::trailing_bytes);
+        if (hashed != std::min(payload, body)) return corrupt(detail::record_error::truncated);  // cannot happen
+        (void)XXH3_64bits_update(&hs, out.data() + hashed, payload - hashed);
+        if (XXH3_64bits_digest(&hs) != info->payload_checksum) return corrupt(detail::record_error::payload_checksum);
+      } else if (const auto e = detail::verify_disk_payload(*info, out.first(payload), pad_in_tail);
+                 e != detail::record_error::ok) {
         return corrupt(e);
+      }
       return payload;
     }
+
+#ifdef KVORTEX_HAS_LIBURING
+    // Reads the header block, `out[0, body)` and `tail[0, rest)` of the file through a ring, and,
+    // once the header has come in and decodes, hashes into `hs` each piece of the payload in
+    // `out` as soon as it and every piece before it have arrived (`hashed`: how many bytes of
+    // `out`), while later pieces are still in flight. The caller checks the header again and
+    // finishes the hash. Bytes read (fewer at an early end of file) or -errno; nothing when no
+    // ring can be had (the caller reads with preadv).
+    std::optional<std::int64_t> read_through_ring(int fd, const chunk_key& k, std::uint64_t file_bytes,
+                                                  std::span<std::byte, block> head, std::span<std::byte> out,
+                                                  std::size_t body, std::byte* tail, std::size_t rest, XXH3_state_t& hs,
+                                                  std::size_t& hashed) {
+      int e = 0;
+      auto r = rings->take(e);
+      if (!r) return std::nullopt;
+      const std::size_t seg = cfg.io_request_bytes;
+      const std::size_t pieces = (body + seg - 1) / seg;
+      if (!r->begin(fd, false, pieces + 2)) {
+        rings->give(std::move(r));
+        return std::nullopt;
+      }
+      (void)r->push(head.data(), head.size(), 0);  // request 0; piece i is request i + 1
+      for (std::size_t off = 0; off < body; off += seg) (void)r->push(out.data() + off, std::min(seg, body - off), block + off);
+      if (rest != 0) (void)r->push(tail, rest, block + body);
+      (void)XXH3_64bits_reset(&hs);
+      hashed = 0;
+      std::size_t limit = 0;  // payload bytes in `out`, known once the header decodes
+      bool header_seen = false;
+      std::size_t next = 0;  // the first piece not hashed
+      r->pump(false);
+      for (;;) {
+        if (!header_seen && r->finished(0)) {
+          header_seen = true;
+          if (const auto info = detail::decode_disk_header(head, file_bytes, expect(k)); info)
+            limit = static_cast<std::size_t>(std::min<std::uint64_t>(info->payload_bytes, body));
+          else
+            next = pieces;  // nothing to hash: the caller finds the header bad
+        }
+        while (header_seen && next < pieces && r->finished(next + 1)) {
+          const std::size_t from = next * seg, to = std::min({from + seg, body, limit});
+          if (from < to) (void)XXH3_64bits_update(&hs, out.data() + from, to - from);
+          hashed = std::max(hashed, to);
+          ++next;
+        }
+        if (!r->busy()) break;
+        r->pump(true);
+      }
+      const int err = r->error();
+      const bool short_read = r->eof();
+      rings->give(std::move(r));
+      if (err != 0) return -static_cast<std::int64_t>(err);
+      if (short_read) return std::int64_t{0};
+      return static_cast<std::int64_t>(file_bytes);
+    }
+#endif
 
     // ---- contains, remove, stats ----------------------------------------------------------------
 
