@@ -42,6 +42,8 @@ done
 features=()
 [[ -f /usr/include/numa.h ]] && features+=(-DKVORTEX_WITH_NUMA=1)
 [[ -f /usr/include/xxhash.h ]] && features+=(-DKVORTEX_WITH_XXHASH=1)
+[[ -f /usr/include/liburing.h ]] && features+=(-DKVORTEX_WITH_LIBURING=1)
+[[ -f /usr/include/hiredis/hiredis.h ]] && features+=(-DKVORTEX_WITH_HIREDIS=1)
 cuda_root="${CUDAToolkit_ROOT:-/usr/local/cuda}"
 have_cuda=0
 if [[ -f "${cuda_root}/include/cuda_runtime_api.h" ]]; then

@@ -50,11 +50,19 @@ manual_build() {
     -I"$root/include" -I"$root/benchmarks" "$root"/benchmarks/bench-*.cpp -o "$bench" "${libs[@]}"
 }
 
+# The target list is read whole before it is searched: `... --target help | grep -q` fails under
+# pipefail, since grep exits at the first match and cmake, still writing, dies of SIGPIPE.
+has_bench_target() {
+  local targets
+  targets="$("$cmake_bin" --build "$build" --target help 2>/dev/null)" || return 1
+  [[ "$targets" == *kvortex-bench* ]]
+}
+
 if [[ $do_build -eq 1 ]]; then
   if "$cmake_bin" -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DKVORTEX_BUILD_BENCHMARKS=ON \
        -DKVORTEX_BUILD_TESTS=OFF -DKVORTEX_BUILD_EXAMPLES=OFF \
        -DCMAKE_CXX_FLAGS="${BENCH_CXXFLAGS:-}" >"$results/configure.log" 2>&1 &&
-     "$cmake_bin" --build "$build" --target help 2>/dev/null | grep -q 'kvortex-bench'; then
+     has_bench_target; then
     "$cmake_bin" --build "$build" --target kvortex-bench -j "$(nproc)"
   else
     manual_build

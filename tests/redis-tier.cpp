@@ -25,9 +25,11 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <set>
 #include <span>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -37,6 +39,7 @@
 #include "kvortex/detail/chunk_record.hpp"
 #include "kvortex/detail/redis_connection.hpp"
 #include "kvortex/detail/redis_protocol.hpp"
+#include "kvortex/logging.hpp"
 #include "kvortex/tiers/redis_tier.hpp"
 
 using namespace std::chrono_literals;
@@ -105,6 +108,44 @@ bool payload_ok(std::span<const std::byte> p, std::uint64_t id) {
   const auto want = payload(id, p.size(), version);
   return std::memcmp(want.data(), p.data(), p.size()) == 0;
 }
+
+// Installs a sink that keeps every record (rate limit off unless a test sets one) for the
+// test's duration, and leaves logging silent again afterwards.
+struct log_capture {
+  struct record {
+    kvortex::log_level level;
+    std::string event, message;
+    std::uint64_t suppressed;
+  };
+  mutable std::mutex mu;
+  std::vector<record> records;
+
+  log_capture() {
+    kvortex::set_log_rate_limit(0, 0ms);
+    kvortex::set_log_sink(
+        [this](const kvortex::log_record& r) {
+          if (r.component != "redis") return;
+          std::lock_guard lk(mu);
+          records.push_back({r.level, std::string(r.event), std::string(r.message), r.suppressed});
+        },
+        kvortex::log_level::debug);
+  }
+  ~log_capture() {
+    kvortex::set_log_sink({});
+    kvortex::set_log_rate_limit(5, 10'000ms);
+  }
+  log_capture(const log_capture&) = delete;
+  log_capture& operator=(const log_capture&) = delete;
+
+  std::vector<record> of(std::string_view event) const {
+    std::lock_guard lk(mu);
+    std::vector<record> out;
+    for (const auto& r : records)
+      if (r.event == event) out.push_back(r);
+    return out;
+  }
+  std::size_t count(std::string_view event) const { return of(event).size(); }
+};
 
 redis_tier_config config(std::vector<redis_endpoint> servers, redis_mode mode = redis_mode::standalone) {
   redis_tier_config c;
@@ -1449,7 +1490,9 @@ TEST_CASE("redis tier: cluster: a master killed mid-run: its keys miss fast, the
   auto cfg = config({cluster.node(0).endpoint(), cluster.node(2).endpoint()}, redis_mode::cluster);
   cfg.command_timeout = 300ms;
   cfg.reconnect_backoff_max = 500ms;
+  log_capture log;
   auto tier = open_tier(cfg);
+  CHECK(log.count("slot_map_loaded") == 1);
   constexpr std::uint64_t n = 90;
   for (std::uint64_t i = 0; i < n; ++i) REQUIRE(tier.put(key(i), payload(i, 4000)));
   wait_replicated(cluster);
@@ -1492,4 +1535,107 @@ TEST_CASE("redis tier: cluster: a master killed mid-run: its keys miss fast, the
   }
   CHECK(tier.link_stats().slot_refreshes > refreshes);
   CHECK(round_trip(tier, lost.front() + 1000));
+  // The operator hears of both: the master lost (once), and the map that routes around it.
+  const auto lost_log = log.of("connection_lost");
+  REQUIRE(lost_log.size() == 1);
+  CHECK(contains_text(lost_log[0].message, cluster.node(1).endpoint().text()));
+  const auto reloads = log.of("slot_map_reloaded");
+  REQUIRE_FALSE(reloads.empty());
+  CHECK(reloads.back().level == kvortex::log_level::info);
+  CHECK(contains_text(reloads.back().message, "slots moved"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// What the tier logs (kvortex/logging.hpp)
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("redis tier: logging: a killed server is reported lost once, and restored when it is back") {
+  kvr::redis_server srv;
+  auto cfg = config({srv.endpoint()});
+  cfg.command_timeout = 200ms;
+  cfg.reconnect_backoff_min = 20ms;
+  cfg.reconnect_backoff_max = 100ms;
+  log_capture log;
+  auto tier = open_tier(cfg);
+  REQUIRE(round_trip(tier, 1));
+  CHECK(log.count("connection_lost") == 0);
+  CHECK(log.count("connection_restored") == 0);
+
+  srv.kill();
+  std::vector<std::byte> out(1000);
+  int failed = 0;
+  const auto until = steady::now() + 600ms;
+  while (steady::now() < until) {  // many failed calls and reconnection attempts
+    failed += tier.get(key(1), out).has_value() ? 0 : 1;
+    failed += tier.put(key(2), payload(2, 1000)).has_value() ? 0 : 1;
+    std::this_thread::sleep_for(5ms);
+  }
+  CHECK(failed > 10);
+  CHECK(tier.link_stats().connect_failures >= 2);
+  const auto lost = log.of("connection_lost");
+  REQUIRE(lost.size() == 1);  // once per outage, not once per failed attempt
+  CHECK(lost[0].level == kvortex::log_level::warning);
+  CHECK(contains_text(lost[0].message, srv.endpoint().text()));
+  CHECK(log.count("connection_restored") == 0);
+
+  srv.restart();
+  CHECK(eventually([&] { return round_trip(tier, 3); }, 3000ms));
+  const auto restored = log.of("connection_restored");
+  REQUIRE(restored.size() == 1);
+  CHECK(restored[0].level == kvortex::log_level::info);
+  CHECK(contains_text(restored[0].message, srv.endpoint().text()));
+  CHECK(log.count("connection_lost") == 1);
+}
+
+TEST_CASE("redis tier: logging: corrupt values removed, and timeouts rate-limited with the held-back count") {
+  kvr::redis_server srv;
+  auto cfg = config({srv.endpoint()});
+  cfg.command_timeout = 100ms;
+  cfg.reconnect_backoff_min = 20ms;
+  cfg.reconnect_backoff_max = 40ms;
+  log_capture log;
+  auto tier = open_tier(cfg);
+
+  // A value that is not a chunk record: a miss, deleted, and one warning naming the chunk.
+  srv.admin().must({"SET", tier.key_of(key(1)), "not a chunk record"});
+  std::vector<std::byte> out(1000);
+  REQUIRE_FALSE(tier.get(key(1), out).has_value());
+  const auto corrupt = log.of("corrupt_entry_removed");
+  REQUIRE(corrupt.size() == 1);
+  CHECK(corrupt[0].level == kvortex::log_level::warning);
+  CHECK(contains_text(corrupt[0].message, key(1).hex()));
+  CHECK(tier.stats().corrupt_removed == 1);
+
+  // A stopped server: each call after a backoff waits out its timeout; two records get through.
+  kvortex::set_log_rate_limit(2, 3'600'000ms);
+  const auto timeouts_before = tier.link_stats().timeouts;
+  srv.pause();
+  const auto until = steady::now() + 1000ms;
+  while (steady::now() < until) {
+    CHECK_FALSE(tier.get(key(1), out).has_value());
+    std::this_thread::sleep_for(10ms);
+  }
+  srv.resume();
+  const auto timeouts = tier.link_stats().timeouts - timeouts_before;
+  MESSAGE(timeouts << " timeouts while stopped");
+  REQUIRE(timeouts >= 4);
+  auto timed_out = log.of("command_timeout");
+  REQUIRE(timed_out.size() == 2);
+  CHECK(timed_out[0].level == kvortex::log_level::warning);
+  CHECK(contains_text(timed_out[0].message, srv.endpoint().text()));
+  CHECK(timed_out[0].suppressed == 0);
+  CHECK(timed_out[1].suppressed == 0);
+
+  // Once the window ends, the next timeout's record carries the count held back.
+  REQUIRE(eventually([&] { return round_trip(tier, 5); }, 2000ms));
+  kvortex::set_log_rate_limit(2, 1ms);
+  std::this_thread::sleep_for(5ms);
+  const auto before_second = tier.link_stats().timeouts;
+  srv.pause();
+  CHECK_FALSE(tier.get(key(5), out).has_value());
+  srv.resume();
+  REQUIRE(tier.link_stats().timeouts == before_second + 1);
+  timed_out = log.of("command_timeout");
+  REQUIRE(timed_out.size() == 3);
+  CHECK(timed_out[2].suppressed == timeouts - 2);
 }

@@ -21,61 +21,8 @@
 
 #include "kvortex/detail/chunk_record.hpp"
 #include "kvortex/error.hpp"
+#include "kvortex/tiers/redis_tier_config.hpp"
 #include "kvortex/types.hpp"
-
-namespace kvortex {
-
-/// @brief One Redis server: a host and a TCP port. Address literals (IPv4, IPv6) need no lookup;
-/// a name is resolved (getaddrinfo) once, when the tier first meets the server, and that lookup
-/// is not bounded by the tier's timeouts: prefer addresses, or names /etc/hosts answers.
-struct redis_endpoint {
-  std::string host;
-  std::uint16_t port{6379};
-
-  /// @brief "host:port", "[v6]:port"; a bare host means port 6379.
-  [[nodiscard]] static result<redis_endpoint> parse(std::string_view text) {
-    redis_endpoint ep;
-    std::string_view host = text, port;
-    if (text.starts_with('[')) {
-      const auto close = text.find(']');
-      if (close == std::string_view::npos) return fail(errc::invalid_argument, "redis endpoint \"" + std::string(text) + "\": unclosed '['");
-      host = text.substr(1, close - 1);
-      const auto rest = text.substr(close + 1);
-      if (!rest.empty()) {
-        if (rest.front() != ':') return fail(errc::invalid_argument, "redis endpoint \"" + std::string(text) + "\": expected ':' after ']'");
-        port = rest.substr(1);
-        if (port.empty()) return fail(errc::invalid_argument, "redis endpoint \"" + std::string(text) + "\": empty port");
-      }
-    } else if (const auto colon = text.rfind(':'); colon != std::string_view::npos) {
-      if (text.find(':') != colon)  // several colons: an IPv6 literal without a port
-        host = text;
-      else {
-        host = text.substr(0, colon);
-        port = text.substr(colon + 1);
-        if (port.empty()) return fail(errc::invalid_argument, "redis endpoint \"" + std::string(text) + "\": empty port");
-      }
-    }
-    if (host.empty()) return fail(errc::invalid_argument, "redis endpoint \"" + std::string(text) + "\": empty host");
-    ep.host = std::string(host);
-    if (!port.empty()) {
-      unsigned v = 0;
-      const auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), v);
-      if (ec != std::errc{} || end != port.data() + port.size() || v == 0 || v > 65535)
-        return fail(errc::invalid_argument, "redis endpoint \"" + std::string(text) + "\": port must be 1..65535");
-      ep.port = static_cast<std::uint16_t>(v);
-    }
-    return ep;
-  }
-
-  /// @brief "host:port" ("[host]:port" for IPv6 literals).
-  [[nodiscard]] std::string text() const {
-    const bool v6 = host.find(':') != std::string::npos;
-    return (v6 ? "[" + host + "]" : host) + ":" + std::to_string(port);
-  }
-  friend bool operator==(const redis_endpoint&, const redis_endpoint&) = default;
-};
-
-}  // namespace kvortex
 
 namespace kvortex::detail {
 

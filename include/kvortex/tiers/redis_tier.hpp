@@ -31,96 +31,16 @@
 #include "kvortex/detail/redis_connection.hpp"
 #include "kvortex/detail/redis_protocol.hpp"
 #include "kvortex/error.hpp"
+#include "kvortex/logging.hpp"
 #include "kvortex/stats.hpp"
+#include "kvortex/tiers/redis_tier_config.hpp"
 #include "kvortex/tiers/tier_stats.hpp"
 #include "kvortex/types.hpp"
 
 namespace kvortex {
 
-/// @brief How the configured servers are used.
-enum class redis_mode : std::uint8_t {
-  /// Independent servers; each key lives on one, chosen by `detail::shard_of` (jump consistent
-  /// hashing of the key) over the list in its order. Every tier sharing the chunks must list the
-  /// same servers in the same order. A server that is down makes its keys misses; they are not
-  /// moved to the others (which would split them between tiers that disagree on who is up).
-  standalone,
-  /// A Redis Cluster; the servers are seeds. The tier loads the slot map (CLUSTER SLOTS), sends
-  /// each key to its slot's master, follows MOVED (and updates the map) and ASK, and reloads the
-  /// map after a redirect, a lost master or CLUSTERDOWN.
-  cluster,
-};
-
-/// @brief How a `redis_tier` is set up. `validate()` is called by `redis_tier::open`.
-struct redis_tier_config {
-  std::vector<redis_endpoint> servers;  ///< standalone: the shards, in order; cluster: seed nodes
-  redis_mode mode{redis_mode::standalone};
-  std::string username;  ///< ACL user (AUTH user password); empty: the default user
-  std::string password;  ///< AUTH password; empty with no username: no AUTH
-  unsigned database{0};  ///< SELECT'ed on connect; standalone only (a cluster has only database 0)
-  namespace_digest ns{}; ///< written into every value and every key name: other namespaces never meet
-  std::string key_prefix{"kvx:"};  ///< start of every key name (no '{' or '}'), e.g. for ACL key patterns
-  /// Expiry of stored chunks (SET ... PX); 0: none. Eviction is otherwise Redis' own business:
-  /// run it with `maxmemory` and an `allkeys-*` policy; an evicted chunk is a miss.
-  std::chrono::milliseconds ttl{0};
-  /// Bounds `open` (connecting, AUTH, the first slot map) and every later connection attempt
-  /// (TCP connect, AUTH, SELECT and a PING answered), within the call that makes it.
-  std::chrono::milliseconds connect_timeout{250};
-  /// Bounds every call (put, get, contains, remove, their batches, ping) from entry to return,
-  /// connecting and redirects included. A server that does not answer in time costs its keys a
-  /// miss or a dropped write, and is then left alone for the backoff below.
-  std::chrono::milliseconds command_timeout{250};
-  /// After a failure a server is not tried again for this long, doubling per further failure up
-  /// to the maximum (with +-25% jitter); calls meanwhile fail at once. One success resets it.
-  std::chrono::milliseconds reconnect_backoff_min{50};
-  std::chrono::milliseconds reconnect_backoff_max{2000};
-  /// Least time between two slot map reloads (cluster).
-  std::chrono::milliseconds slot_refresh_interval{100};
-  /// Idle connections kept per server. A call that finds none idle opens another (closed again
-  /// when returned beyond this number), so calls never wait for each other's connections.
-  unsigned connections_per_server{4};
-  unsigned max_redirects{5};  ///< MOVED/ASK hops one key may take in one call
-  /// Largest payload stored or accepted back (Redis' own limit, proto-max-bulk-len, is 512 MB).
-  std::uint64_t max_chunk_bytes{std::uint64_t{64} << 20};
-  /// `open` fails with errc::backend_failure when no server answers within `connect_timeout`.
-  /// Off (default): the tier opens anyway, serves misses, and connects when Redis comes up.
-  bool require_connection{false};
-
-  /// @brief Checks every field; the error names the first bad one.
-  [[nodiscard]] result<void> validate() const {
-    const auto bad = [](std::string what) { return fail(errc::invalid_config, "redis_tier_config." + std::move(what)); };
-    if (servers.empty()) return bad("servers is empty");
-    for (std::size_t i = 0; i < servers.size(); ++i) {
-      if (servers[i].host.empty()) return bad("servers[" + std::to_string(i) + "].host is empty");
-      if (servers[i].port == 0) return bad("servers[" + std::to_string(i) + "].port is 0");
-      if (mode == redis_mode::standalone)
-        for (std::size_t j = 0; j < i; ++j)
-          if (servers[j] == servers[i])
-            return bad("servers[" + std::to_string(i) + "] repeats servers[" + std::to_string(j) + "] (" + servers[i].text() + ")");
-    }
-    if (mode != redis_mode::standalone && mode != redis_mode::cluster) return bad("mode is not a redis_mode value");
-    if (mode == redis_mode::cluster && database != 0) return bad("database must be 0 in cluster mode (got " + std::to_string(database) + ")");
-    if (key_prefix.find_first_of("{}") != std::string::npos) return bad("key_prefix must not contain '{' or '}' (they would change the hash slot)");
-    if (key_prefix.size() > 256) return bad("key_prefix is longer than 256 bytes");
-    const auto ms = [](std::chrono::milliseconds d) { return std::to_string(d.count()) + " ms"; };
-    constexpr std::chrono::milliseconds hour{3600 * 1000};
-    if (ttl.count() < 0) return bad("ttl is negative (" + ms(ttl) + ")");
-    if (connect_timeout.count() <= 0 || connect_timeout > hour) return bad("connect_timeout must be in (0, 1 h], got " + ms(connect_timeout));
-    if (command_timeout.count() <= 0 || command_timeout > hour) return bad("command_timeout must be in (0, 1 h], got " + ms(command_timeout));
-    if (reconnect_backoff_min.count() <= 0 || reconnect_backoff_min > hour)
-      return bad("reconnect_backoff_min must be in (0, 1 h], got " + ms(reconnect_backoff_min));
-    if (reconnect_backoff_max < reconnect_backoff_min || reconnect_backoff_max > hour)
-      return bad("reconnect_backoff_max must be in [reconnect_backoff_min, 1 h], got " + ms(reconnect_backoff_max));
-    if (slot_refresh_interval.count() < 0 || slot_refresh_interval > hour)
-      return bad("slot_refresh_interval must be in [0, 1 h], got " + ms(slot_refresh_interval));
-    if (connections_per_server == 0 || connections_per_server > 1024)
-      return bad("connections_per_server must be in [1, 1024], got " + std::to_string(connections_per_server));
-    if (max_redirects == 0 || max_redirects > 16) return bad("max_redirects must be in [1, 16], got " + std::to_string(max_redirects));
-    constexpr std::uint64_t bulk_limit = (std::uint64_t{512} << 20) - detail::chunk_record_fixed_bytes;
-    if (max_chunk_bytes == 0 || max_chunk_bytes > bulk_limit)
-      return bad("max_chunk_bytes must be in [1, " + std::to_string(bulk_limit) + "], got " + std::to_string(max_chunk_bytes));
-    return {};
-  }
-};
+static_assert(detail::redis_record_header_bytes == detail::chunk_record_fixed_bytes,
+              "redis_tier_config's record header size disagrees with the chunk record's");
 
 /// @brief Counters of the tier's links to Redis (beside its `tier_stats`).
 struct redis_link_stats {
@@ -396,6 +316,17 @@ class redis_tier {
 
     [[nodiscard]] bool cluster() const noexcept { return cfg.mode == redis_mode::cluster; }
 
+    // Logs through kvortex/logging.hpp; `message` runs only when the level is wanted. Called
+    // with no lock of the tier held.
+    template <class F>
+    static void note(log_level level, std::string_view event, F&& message) noexcept {
+      if (!kvortex::detail::log_enabled(level)) return;
+      try {
+        kvortex::detail::log(level, "redis", event, message());
+      } catch (...) {  // no memory for the message: the record is lost
+      }
+    }
+
     template <class R, class F>
     R guard(std::size_t n, F&& f) noexcept {
       try {
@@ -498,7 +429,7 @@ class redis_tier {
           n.probing = false;
           mark_down_locked(n, r.error().message);
           connect_failures.fetch_add(1, std::memory_order_relaxed);
-          return std::unexpected(std::move(r.error()));
+          return std::unexpected(std::move(r.error()));  // a name that never resolved: never up, nothing lost
         }
         n.addrs = *r;
         addrs = std::move(*r);
@@ -516,33 +447,65 @@ class redis_tier {
       if (!l.c) return;
       node& n = *l.n;
       const bool healthy = !l.c->failed();
-      std::lock_guard lk(n.mu);
-      if (l.probe) n.probing = false;
-      if (l.discard) {
-        l.c.reset();
-        return;
-      }
-      if (healthy) {
-        if (l.fresh) connects.fetch_add(1, std::memory_order_relaxed);
-        if (n.down && l.fresh) {
-          n.down = false;
-          n.failures = 0;
-          reconnects.fetch_add(1, std::memory_order_relaxed);
+      enum class news : std::uint8_t { none, restored, lost, timed_out } what = news::none;
+      unsigned failed_attempts = 0;
+      {
+        std::lock_guard lk(n.mu);
+        if (l.probe) n.probing = false;
+        if (l.discard) {
+          l.c.reset();
+          return;
         }
-        if (!n.down && l.generation == n.generation && n.idle.size() < cfg.connections_per_server) {
-          try {
-            n.idle.push_back(std::move(l.c));
-          } catch (...) {  // no room to keep it: close it
+        if (healthy) {
+          if (l.fresh) connects.fetch_add(1, std::memory_order_relaxed);
+          if (n.down && l.fresh) {
+            failed_attempts = n.failures;
+            n.down = false;
+            n.failures = 0;
+            reconnects.fetch_add(1, std::memory_order_relaxed);
+            what = news::restored;
+          }
+          if (!n.down && l.generation == n.generation && n.idle.size() < cfg.connections_per_server) {
+            try {
+              n.idle.push_back(std::move(l.c));
+            } catch (...) {  // no room to keep it: close it
+            }
+          }
+        } else {
+          const bool was_up = !n.down;
+          if (l.c->timed_out())
+            timeouts.fetch_add(1, std::memory_order_relaxed);
+          else if (l.fresh && !l.c->established())
+            connect_failures.fetch_add(1, std::memory_order_relaxed);
+          else
+            disconnects.fetch_add(1, std::memory_order_relaxed);
+          if (l.generation == n.generation) {
+            mark_down_locked(n, l.c->failure());
+            // A timeout is reported each time (rate-limited); a lost server once, when it goes down.
+            if (l.c->timed_out()) what = news::timed_out;
+            else if (was_up) what = news::lost;
           }
         }
-      } else {
-        if (l.c->timed_out())
-          timeouts.fetch_add(1, std::memory_order_relaxed);
-        else if (l.fresh && !l.c->established())
-          connect_failures.fetch_add(1, std::memory_order_relaxed);
-        else
-          disconnects.fetch_add(1, std::memory_order_relaxed);
-        if (l.generation == n.generation) mark_down_locked(n, l.c->failure());
+      }
+      // Logged outside the node's lock, which every call to this server needs.
+      switch (what) {
+        case news::none: break;
+        case news::restored:
+          note(log_level::info, "connection_restored", [&] {
+            return n.label + ": connection restored after " + std::to_string(failed_attempts) + " failed attempt" +
+                   (failed_attempts == 1 ? "" : "s");
+          });
+          break;
+        case news::lost:
+          note(log_level::warning, "connection_lost", [&] {
+            return n.label + ": " + l.c->failure() + "; its keys are misses and its writes dropped until it answers again";
+          });
+          break;
+        case news::timed_out:
+          note(log_level::warning, "command_timeout", [&] {
+            return n.label + ": " + l.c->failure() + "; backing off";
+          });
+          break;
       }
       l.c.reset();
     }
@@ -574,10 +537,26 @@ class redis_tier {
         if (n == nullptr) continue;
         std::fill(owner.begin() + r.first, owner.begin() + r.last + 1, n->id);
       }
-      std::unique_lock lk(route_mu);
-      slot_owner = owner;
-      have_map = true;
+      std::size_t moved_slots = 0, masters = 0;
+      bool first = false;
+      {
+        std::unique_lock lk(route_mu);
+        first = !have_map;
+        for (std::size_t i = 0; i < owner.size(); ++i) moved_slots += owner[i] != slot_owner[i] ? 1 : 0;
+        std::vector<bool> seen(nodes.size(), false);
+        for (const std::uint16_t id : owner)
+          if (id != no_node && !seen[id]) seen[id] = true, ++masters;
+        slot_owner = owner;
+        have_map = true;
+      }
       slot_refreshes.fetch_add(1, std::memory_order_relaxed);
+      // The first map is routine; a later one that moves slots follows a failover or a reshard.
+      if (first || moved_slots != 0) {
+        note(first ? log_level::debug : log_level::info, first ? "slot_map_loaded" : "slot_map_reloaded", [&] {
+          return "redis cluster: slot map " + std::string(first ? "loaded" : "reloaded") + ": " + std::to_string(masters) +
+                 " master" + (masters == 1 ? "" : "s") + (first ? "" : ", " + std::to_string(moved_slots) + " slots moved");
+        });
+      }
     }
 
     // Loads the slot map from up to `fanout` servers at once (the first valid answer wins).
@@ -922,6 +901,7 @@ class redis_tier {
       for (const op& o : ops)
         if (o.corrupt) {
           corrupt_removed.fetch_add(1, std::memory_order_relaxed);
+          note(log_level::warning, "corrupt_entry_removed", [&] { return o.err ? o.err->message : "chunk " + o.key->hex() + ": invalid value; deleted"; });
           dels.push_back(make_op(op_kind::del, *o.key));
         }
       if (!dels.empty()) execute(dels, deadline);
