@@ -248,9 +248,9 @@ class engine_of final : public py_engine {
 template <class Stack>
 kvortex::result<std::unique_ptr<py_engine>> build_stack(kvortex::deployment_config cfg, const char* base) {
   using namespace kvortex;
-  const auto digest = tier_namespace<sha256_hasher>(cfg.engine);
+  [[maybe_unused]] const auto digest = tier_namespace<sha256_hasher>(cfg.engine);
   if (!digest) return std::unexpected(digest.error());
-  const auto zero = namespace_digest{};
+  [[maybe_unused]] const auto zero = namespace_digest{};
   std::string name = base;
 #if defined(KVORTEX_PY_DISK)
   std::optional<disk_tier> disk;
@@ -281,10 +281,10 @@ kvortex::result<std::unique_ptr<py_engine>> build_stack(kvortex::deployment_conf
     using E = typename decltype(made)::value_type;
     return std::unique_ptr<py_engine>(std::make_unique<engine_of<E>>(std::move(*made), name));
   };
-  using A = typename Stack::allocator_type;
-  using H = typename Stack::hasher_type;
-  using V = typename Stack::eviction_policy_type;
-  using S = typename Stack::transfer_scheduler_type;
+  using A [[maybe_unused]] = typename Stack::allocator_type;
+  using H [[maybe_unused]] = typename Stack::hasher_type;
+  using V [[maybe_unused]] = typename Stack::eviction_policy_type;
+  using S [[maybe_unused]] = typename Stack::transfer_scheduler_type;
 #if defined(KVORTEX_PY_DISK) && defined(KVORTEX_PY_REDIS)
   if (disk && redis)
     return wrap(basic_engine<A, H, V, tiered_backend<cpu_backend, disk_tier, redis_tier>, S>::create(
