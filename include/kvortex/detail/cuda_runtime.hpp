@@ -7,9 +7,13 @@
 
 #include <cuda_runtime.h>
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <cctype>
+#include <charconv>
 #include <cstdio>
-#include <fstream>
+#include <system_error>
 #include <string>
 #include <string_view>
 
@@ -86,11 +90,24 @@ struct device_info {
 };
 
 /// The NUMA node of a PCI device, read from /sys/bus/pci/devices/<bus id>/numa_node; -1 if unknown.
+/// Plain POSIX reads and from_chars, no iostreams: a stream's locale facets can come from another
+/// C++ runtime loaded into the process (PyTorch's), and parsing a number through them crashed.
 [[nodiscard]] inline int pci_numa_node(const std::string& bus_id) {
-  std::ifstream f("/sys/bus/pci/devices/" + bus_id + "/numa_node");
+  const std::string path = "/sys/bus/pci/devices/" + bus_id + "/numa_node";
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return -1;
+  char buf[32];
+  const ssize_t n = ::read(fd, buf, sizeof buf);
+  ::close(fd);
+  if (n <= 0) return -1;
+  const char* end = buf + n;
+  const char* p = buf;
+  const bool negative = p < end && *p == '-';
+  if (negative) ++p;
   int node = -1;
-  if (!(f >> node)) return -1;
-  return node < 0 ? -1 : node;
+  const auto [q, ec] = std::from_chars(p, end, node);
+  if (ec != std::errc{} || q == p) return -1;
+  return negative || node < 0 ? -1 : node;
 }
 
 /// Properties of `device` (or the current one when -1).

@@ -14,14 +14,14 @@
 #ifdef KVORTEX_WITH_NVRTC
 #include <nvrtc.h>
 #endif
+#include <fcntl.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
-#include <iterator>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -160,17 +160,43 @@ struct program_guard {
   return cache_dir() / ("kvortex-" + std::string(hex) + "-sm_" + std::to_string(arch) + ".cubin");
 }
 
+// POSIX I/O, not iostreams: a stream's locale facets can belong to another C++ runtime loaded
+// into the process (PyTorch's), which crashed a stream parse.
+[[nodiscard]] inline std::vector<char> read_whole_file(const std::filesystem::path& p) {
+  std::vector<char> out;
+  const int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return out;
+  char buf[1 << 16];
+  for (;;) {
+    const ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      if (n < 0) out.clear();
+      break;
+    }
+    out.insert(out.end(), buf, buf + n);
+  }
+  ::close(fd);
+  return out;
+}
+[[nodiscard]] inline bool write_whole_file(const std::filesystem::path& p, const std::vector<char>& bytes) {
+  const int fd = ::open(p.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return false;
+  std::size_t done = 0;
+  while (done < bytes.size()) {
+    const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    done += static_cast<std::size_t>(n);
+  }
+  return ::close(fd) == 0 && done == bytes.size();
+}
+
 /// A cubin for `source` and `sm_<arch>`: read from the disk cache, else compiled and written there.
 [[nodiscard]] inline result<std::vector<char>> cached_cubin(std::string_view source, std::string_view name, int arch) {
   auto path = cache_path(source, arch);
   if (!path) return std::unexpected(path.error());
-  {
-    std::ifstream in(*path, std::ios::binary);
-    if (in) {
-      std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-      if (!bytes.empty()) return bytes;
-    }
-  }
+  if (auto bytes = read_whole_file(*path); !bytes.empty()) return bytes;
   auto cubin = compile_cubin(source, name, arch);
   if (!cubin) return cubin;
   std::error_code ec;
@@ -179,14 +205,9 @@ struct program_guard {
     // Write aside and rename, so a reader never sees half a file.
     auto tmp = *path;
     tmp += ".tmp" + std::to_string(::getpid());
-    {
-      std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-      if (out) out.write(cubin->data(), static_cast<std::streamsize>(cubin->size()));
-      if (!out) {
-        out.close();
-        std::filesystem::remove(tmp, ec);
-        return cubin;
-      }
+    if (!write_whole_file(tmp, *cubin)) {
+      std::filesystem::remove(tmp, ec);
+      return cubin;
     }
     std::filesystem::rename(tmp, *path, ec);
     if (ec) std::filesystem::remove(tmp, ec);
