@@ -12,6 +12,7 @@ packages=(
   redis-server libhiredis-dev  # the Redis tier and the redis-server processes its tests start
   liburing-dev  # the disk tier's io_uring engine (optional: without it the tier uses pread/pwrite)
   libtomlplusplus-dev  # TOML deployment files (kvortex/deployment_config.hpp; optional: without it only settings and the environment)
+  python3-dev python3-pybind11 python3-numpy python3-pytest python3-pip  # the Python package and its tests
 )
 
 missing=()

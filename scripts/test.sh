@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The full check, as CI runs it:
-#   1. Release build in build/: unit, stress, disk and redis tests and the examples (ctest)
+#   1. Release build in build/: unit, stress, disk and redis tests, the examples and the Python
+#      package's tests (ctest; Debian's /usr/bin/python3 with python3-pybind11, -numpy, -pytest)
 #   2. ASan + UBSan Debug build in build-asan/: unit, disk and stress tests with LeakSanitizer on,
 #      then every example under LeakSanitizer (scripts/leak-check.sh)
 #   3. ThreadSanitizer build in build-tsan/: unit and stress tests (scripts/tsan.sh)
@@ -20,7 +21,7 @@ step "dependencies"
 bash scripts/install-deps.sh
 
 step "Release build (build/)"
-cmake -S . -B build -DCMAKE_BUILD_TYPE=Release
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DKVORTEX_BUILD_PYTHON=ON -DPython3_EXECUTABLE=/usr/bin/python3
 cmake --build build -j "${jobs}"
 
 step "no target links libcuda (the driver) directly"
@@ -36,6 +37,9 @@ KVORTEX_STRESS_SECONDS="${KVORTEX_STRESS_SECONDS:-8}" \
 # On their own: they time Redis calls against deadlines, which busy stress threads would blur.
 step "redis tests (Release; real redis-server processes on loopback)"
 ctest --test-dir build --output-on-failure -j "${jobs}" -L redis
+
+step "Python package tests (Release; pytest with NumPy)"
+ctest --test-dir build --output-on-failure -L python
 
 step "ASan + UBSan build (build-asan/)"
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DKVORTEX_SANITIZE=ON \
