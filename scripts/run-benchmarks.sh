@@ -197,6 +197,34 @@ ratio_row("store / memcpy, 2 threads (wall)", "mt/transfer/host_engine/store/tra
 ratio_row("retrieve / memcpy, 2 threads (wall)", "mt/transfer/host_engine/retrieve/transfer_threads:2/real_time",
           "mt/transfer/memcpy/retrieve_pattern/reused/threads:2/real_time")
 
+# Storage tiers: counters the tier benchmarks report themselves (same run, same directory or server).
+def counter(name, key):
+    b = runs.get(name)
+    return None if b is None or key not in b else b[key]
+def counter_row(label, name, key, goal, ok, note=""):
+    v = counter(name, key)
+    row(label, "not run" if v is None else f"{v:.2f}", goal, None if v is None else ok(v), note)
+for io in ("1", "0"):
+    engine = "io_uring" if io == "1" else "pread/pwrite"
+    counter_row(f"disk tier write / raw sequential write, 4 MiB chunks, 1 thread, {engine}",
+                f"disk/write/chunk:4MiB/threads:1/fsync:0/io_uring:{io}/manual_time", "ratio", ">= 0.80", lambda v: v >= 0.8)
+    counter_row(f"disk tier read / raw sequential read, 4 MiB chunks, 1 thread, {engine}",
+                f"disk/read/chunk:4MiB/threads:1/io_uring:{io}/manual_time", "ratio", ">= 0.80", lambda v: v >= 0.8)
+for op in ("put", "get"):
+    counter_row(f"redis tier {op} / pipelined hiredis, 1 MiB values, batches of 16",
+                f"redis/{op}/chunk_KiB:1024/batch:16/min_time:1.000/manual_time", "ratio", ">= 0.80", lambda v: v >= 0.8)
+counter_row("redis lookup (contains) of 32 keys / one PING, p50", "redis/contains/keys:32/iterations:3000/manual_time",
+            "p50_ratio", "<= 2.0", lambda v: v <= 2.0)
+rebuild = us("disk/index_rebuild/entries:100000/snapshot:0/verify:0/real_time", "real_time")
+row("disk index rebuild, 100k entries, directory scan", fmt(None if rebuild is None else rebuild / 1e6, "s"), "<= 1 s",
+    None if rebuild is None else rebuild <= 1e6)
+for tier in ("disk", "redis"):
+    name = f"tiered_retrieve/{tier}/tokens:8192/iterations:5/manual_time"
+    counter_row(f"retrieve of 8192 tokens from {tier} / (tier reads + copies), pipelined", name, "ratio_to_sum",
+                "< 1 (overlap)", lambda v: v < 1.0,
+                "" if counter(name, "read_s") is None else
+                f"reads {counter(name, 'read_s'):.3f} s, copies {counter(name, 'copy_s'):.3f} s")
+
 print(f"kvortex benchmarks on {cpu} ({ncpu} CPUs); single-thread rows {pin}, median of the repetitions.\n")
 print("| target | measured | goal | result | notes |")
 print("|---|---|---|---|---|")
