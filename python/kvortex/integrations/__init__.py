@@ -1,0 +1,1 @@
+"""Integrations of kvortex with inference libraries (import the submodule you need)."""
