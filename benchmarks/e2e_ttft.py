@@ -1,0 +1,142 @@
+"""End-to-end time to first token with KVortex under transformers, on the GPU machine.
+
+A Llama-3-8B-shaped model (32 layers, hidden 4096, 32 heads, 8 KV heads, MLP 14336, vocab 128256)
+from a LlamaConfig with random bf16 weights (nothing downloaded). For each prompt length:
+  - full:    TTFT of a full prefill (the last token's logits, synchronized);
+  - hit:     TTFT when the prompt's prefix is in KVortex (the GPU stack, pinned host memory):
+             lookup, layer-by-layer retrieve into a staging tensor, DynamicCache from views, and the
+             forward pass over the uncached tail (the last chunk: the last token is never restored);
+  - miss overhead: a prefill that also saves its KV, against the prefill alone.
+The restored run's first-token logits are compared with the tail run on the original prefill's
+cache (must be bitwise equal: the same kernels on the same inputs) and with the full prefill
+(bf16 kernel noise: reported, with the argmax agreement).
+
+    python3 benchmarks/e2e_ttft.py --lengths 1024 4096 8192 16384 --json out.json
+
+Needs PyTorch with CUDA, transformers and a CUDA build of the kvortex Python package on PYTHONPATH.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import transformers
+
+import kvortex
+from kvortex.integrations.transformers import PrefixStore, engine_settings
+
+
+def build_model(layers):
+    cfg = transformers.LlamaConfig(num_hidden_layers=layers, hidden_size=4096, num_attention_heads=32,
+                                   num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
+                                   max_position_embeddings=32768, rope_theta=500000.0)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        try:
+            model = transformers.LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
+        except TypeError:
+            model = transformers.LlamaForCausalLM._from_config(cfg, torch_dtype=torch.bfloat16)
+    return model.eval()
+
+
+def forward(model, ids, cache=None):
+    # Only the last position's logits: a 16k-token prompt's full logits would take 4 GiB.
+    return model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+
+def timed(fn, reps):
+    out, times = None, []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return out, statistics.median(times), times
+
+
+@torch.no_grad()
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192, 16384])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+
+    model = build_model(args.layers)
+    cfg = model.config
+    gpu = torch.cuda.get_device_name()
+    results = []
+    max_len = max(args.lengths)
+    kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
+    settings = engine_settings(cfg, capacity_bytes=int(max_len * kv_bytes * 1.5) + (1 << 30), chunk_tokens=args.chunk,
+                               model_id="bench/llama-3-8b-random")
+    with kvortex.Engine(settings, stack="gpu") as engine:
+        store = PrefixStore(engine, cfg)
+        for n in args.lengths:
+            prompt = torch.randint(0, cfg.vocab_size, (1, n), device="cuda")
+            # Warm-up (kernels, allocator) at this length.
+            forward(model, prompt)
+
+            full, full_s, _ = timed(lambda: forward(model, prompt), args.reps)
+            full_logits = full.logits[:, -1].float()
+            prefill_only = full_s
+
+            def prefill_and_save():
+                out = forward(model, prompt)
+                store.save(prompt[0], out.past_key_values)
+                return out
+
+            _, save_s, _ = timed(prefill_and_save, 1)  # the first save writes; later ones deduplicate
+            hit_tokens = store.lookup(prompt[0])
+
+            # Reference for the bitwise check: the tail on the original prefill's cache.
+            pre = forward(model, prompt[:, :hit_tokens])
+            ref_logits = forward(model, prompt[:, hit_tokens:], pre.past_key_values).logits[:, -1].float()
+            del pre
+
+            def restored():
+                cache, hit = store.restore(prompt[0])
+                return forward(model, prompt[:, hit:], cache), hit
+
+            (hit_out, hit), hit_s, hit_times = timed(restored, args.reps)
+            hit_logits = hit_out.logits[:, -1].float()
+
+            # Restore alone (lookup + retrieve + cache build), for the breakdown.
+            _, restore_s, _ = timed(lambda: store.restore(prompt[0]), args.reps)
+
+            r = {
+                "gpu": gpu, "tokens": n, "restored_tokens": hit, "tail_tokens": n - hit,
+                "ttft_full_ms": full_s * 1e3, "ttft_hit_ms": hit_s * 1e3, "speedup": full_s / hit_s,
+                "restore_ms": restore_s * 1e3,
+                "restore_GBps": hit * kv_bytes / restore_s / 1e9,
+                "miss_save_overhead": (save_s - prefill_only) / prefill_only,
+                "logits_bitwise_equal_to_tail_on_original_cache": bool(torch.equal(hit_logits, ref_logits)),
+                "max_abs_dlogit_vs_full_prefill": float((hit_logits - full_logits).abs().max()),
+                "argmax_equal_to_full_prefill": bool(torch.equal(hit_logits.argmax(-1), full_logits.argmax(-1))),
+            }
+            results.append(r)
+            print(json.dumps(r), flush=True)
+            del full, hit_out
+            torch.cuda.empty_cache()
+
+    print(f"\n{gpu}, Llama-3-8B-shaped ({args.layers} layers, random bf16 weights), chunk {args.chunk} tokens, median of {args.reps}\n")
+    print("| prompt tokens | TTFT full prefill | TTFT with KVortex hit | speedup | restored / tail tokens | restore (GB/s) | save overhead on a miss | logits |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        logits = ("bitwise equal" if r["logits_bitwise_equal_to_tail_on_original_cache"] else "DIFFERENT") + \
+                 f" (vs full prefill: max |d| {r['max_abs_dlogit_vs_full_prefill']:.3g}, argmax {'same' if r['argmax_equal_to_full_prefill'] else 'differs'})"
+        print(f"| {r['tokens']} | {r['ttft_full_ms']:.1f} ms | {r['ttft_hit_ms']:.1f} ms | {r['speedup']:.1f}x | "
+              f"{r['restored_tokens']} / {r['tail_tokens']} | {r['restore_ms']:.1f} ms ({r['restore_GBps']:.1f}) | "
+              f"{100 * r['miss_save_overhead']:.1f}% | {logits} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
