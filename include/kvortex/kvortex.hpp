@@ -15,6 +15,7 @@
 #include "kvortex/hashers/sha256_hasher.hpp"
 #include "kvortex/hashers/xxh3_hasher.hpp"
 #include "kvortex/layout.hpp"
+#include "kvortex/logging.hpp"
 #include "kvortex/schedulers/host_transfer_scheduler.hpp"
 #include "kvortex/schedulers/inline_transfer_scheduler.hpp"
 #include "kvortex/stats.hpp"
