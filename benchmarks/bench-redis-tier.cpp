@@ -1,7 +1,7 @@
 // Redis tier bandwidth and latency against a plain pipelined hiredis loop moving the same bytes
 // to the same redis-server in the same run, and a lookup (contains) against one PING.
 //
-// redis/{put,get}/chunk:{256KiB,1MiB}/batch:{1,16}: every iteration moves 64 MiB of chunks
+// redis/{put,get}/chunk:{256KiB,1MiB}/batch:{1,16} (and 8 MiB values in batches of 4): every iteration moves 64 MiB of chunks
 // twice, once through redis_tier::put_many/get_many (`batch` chunks per call, pipelined: one
 // round trip per call) and once as the baseline: hiredis' blocking API with
 // redisAppendCommandArgv for `batch` SET (GET) commands of values of the same size (the record
@@ -337,6 +337,7 @@ void transfer_args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"chunk_KiB", "batch"});
   for (const int kib : {256, 1024})
     for (const int batch : {1, 16}) b->Args({kib, batch});
+  b->Args({8192, 4});  // a 256-token chunk of a 1B model, in the batches a tiered retrieve reads
 }
 
 }  // namespace
