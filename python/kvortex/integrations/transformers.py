@@ -11,9 +11,10 @@ uncached tail only.
     out = model(input_ids[:, hit:], past_key_values=cache, use_cache=True)
 
 transformers has no hook that hands a layer's KV out while the prefill computes it, so ``save``
-runs after the forward pass (one store of every layer); ``restore`` fills a staging tensor
-``[layers, 2, tokens, kv_heads, head_dim]`` through one layer-by-layer retrieve and builds the
-``DynamicCache`` from views of it (no copy). Only whole chunks are kept, and the last prompt token
+runs after the forward pass (one store of every layer, through a staging tensor); ``restore`` fills
+a staging tensor ``[layers, 2, kv_heads, tokens, head_dim]`` through one layer-by-layer retrieve and
+builds the ``DynamicCache`` from views of it: each layer's K and V are contiguous
+``[1, kv_heads, tokens, head_dim]`` tensors, as transformers makes them, and nothing is copied. Only whole chunks are kept, and the last prompt token
 is always left to the model, so the forward pass over the tail yields the next token's logits.
 Batch size 1 per call. PyTorch is imported here, not by ``kvortex`` itself.
 """
@@ -74,10 +75,13 @@ class PrefixStore:
         return input_ids
 
     def _staging(self, tokens: int, like: torch.Tensor) -> torch.Tensor:
-        return torch.empty((self.layers, 2, tokens, self.heads, self.dim), dtype=like.dtype, device=like.device)
+        # [layers, K|V, heads, tokens, dim]: per layer one HND block holding every token.
+        return torch.empty((self.layers, 2, self.heads, tokens, self.dim), dtype=like.dtype, device=like.device)
 
     def _layout(self, staging: torch.Tensor) -> kvortex.Layout:
-        return kvortex.contiguous_layout([staging[i] for i in range(self.layers)])
+        # Seen as a FlashAttention cache of one block of `tokens` slots, stored HND.
+        views = [staging[i].unsqueeze(1).transpose(2, 3) for i in range(self.layers)]  # [2, 1, tokens, heads, dim]
+        return kvortex.flash_attn_layout(views)
 
     def save(self, input_ids: Any, cache: Any) -> int:
         """Stores the KV of the whole chunks of `input_ids` held in `cache` (a `DynamicCache` after a
@@ -94,9 +98,8 @@ class PrefixStore:
             raise ValueError(f"PrefixStore.save: cache keys of shape {list(first.shape)} do not hold {n} tokens of one sequence")
         staging = self._staging(n, first)
         for i, layer in enumerate(layers):
-            # [1, heads, seq, dim] -> [seq, heads, dim]
-            staging[i, 0].copy_(layer.keys[0, :, :n].transpose(0, 1))
-            staging[i, 1].copy_(layer.values[0, :, :n].transpose(0, 1))
+            staging[i, 0].copy_(layer.keys[0, :, :n])  # [heads, seq, dim]
+            staging[i, 1].copy_(layer.values[0, :, :n])
         event = torch.cuda.Event() if staging.is_cuda else None
         if event is not None:
             event.record()
@@ -132,9 +135,9 @@ class PrefixStore:
         got = (got // self.chunk) * self.chunk
         if got == 0:
             return None, 0
-        # [seq, heads, dim] -> [1, heads, seq, dim] views
-        pairs = [(staging[i, 0, :got].permute(1, 0, 2).unsqueeze(0), staging[i, 1, :got].permute(1, 0, 2).unsqueeze(0))
-                 for i in range(self.layers)]
+        if got < hit:  # a tier could not deliver everything: keep what came, contiguous
+            staging = staging[:, :, :, :got].contiguous()
+        pairs = [(staging[i, 0].unsqueeze(0), staging[i, 1].unsqueeze(0)) for i in range(self.layers)]
         try:
             cache = DynamicCache(ddp_cache_data=pairs, config=self.config)
         except TypeError:
