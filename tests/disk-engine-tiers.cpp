@@ -398,21 +398,16 @@ TEST_CASE("engine tiers: two live engine processes share one directory in shared
     dc.sharing = kvortex::directory_sharing::shared;
     return dc;
   };
-  // This process opens its engine first, so it learns of the other's chunks only through the disk.
-  auto tier = disk_tier::open(shared());
-  REQUIRE(tier.has_value());
-  auto mine = disk_engine::create(c, disk_backend(kvortex::cpu_backend{}, std::move(*tier)));
-  REQUIRE(mine.has_value());
-  CHECK(*mine->lookup(tokens) == 0);
-
+  // The other process is forked before any engine (and its threads) exists here: a child forked
+  // from a threaded process may find a lock (malloc's, the sanitizer's) held forever.
   int to_parent[2], to_child[2];
   REQUIRE(::pipe(to_parent) == 0);
   REQUIRE(::pipe(to_child) == 0);
   const pid_t pid = ::fork();
   REQUIRE(pid >= 0);
   if (pid == 0) {
-    char ok = 'n';
-    {
+    char ok = 'n', go = 0;
+    if (::read(to_child[0], &go, 1) == 1) {  // the parent's engine is open
       auto t = disk_tier::open(shared());
       if (t) {
         auto e = disk_engine::create(c, disk_backend(kvortex::cpu_backend{}, std::move(*t)));
@@ -427,12 +422,21 @@ TEST_CASE("engine tiers: two live engine processes share one directory in shared
           (void)!::write(to_parent[1], &ok, 1);
           char done = 0;
           (void)!::read(to_child[0], &done, 1);  // stay alive (and hold the directory) until the parent read
+          ::_exit(ok == 'y' ? 0 : 1);
         }
       }
-      if (ok != 'y') (void)!::write(to_parent[1], &ok, 1);
     }
-    ::_exit(ok == 'y' ? 0 : 1);
+    (void)!::write(to_parent[1], &ok, 1);
+    ::_exit(1);
   }
+  // This process opens its engine first, so it learns of the other's chunks only through the disk.
+  auto tier = disk_tier::open(shared());
+  REQUIRE(tier.has_value());
+  auto mine = disk_engine::create(c, disk_backend(kvortex::cpu_backend{}, std::move(*tier)));
+  REQUIRE(mine.has_value());
+  CHECK(*mine->lookup(tokens) == 0);
+  const char go = 'g';
+  REQUIRE(::write(to_child[1], &go, 1) == 1);
   char ok = 0;
   REQUIRE(::read(to_parent[0], &ok, 1) == 1);
   CHECK(ok == 'y');
