@@ -65,6 +65,7 @@ class PrefixStore:
             raise ValueError(f"PrefixStore: the engine holds {g['num_layers']} layers x {g['kv_heads']} KV heads x "
                              f"{g['head_dim']}, the model has {self.layers} x {self.heads} x {self.dim}")
         self.chunk = engine.chunk_tokens
+        self._pending = []  # (ticket, staging): stores still reading their staging tensors
 
     @staticmethod
     def _ids(input_ids: Any) -> Any:
@@ -83,9 +84,11 @@ class PrefixStore:
         views = [staging[i].unsqueeze(1).transpose(2, 3) for i in range(self.layers)]  # [2, 1, tokens, heads, dim]
         return kvortex.flash_attn_layout(views)
 
-    def save(self, input_ids: Any, cache: Any) -> int:
+    def save(self, input_ids: Any, cache: Any, *, wait: bool = True) -> int:
         """Stores the KV of the whole chunks of `input_ids` held in `cache` (a `DynamicCache` after a
-        forward pass over at least those tokens); returns the tokens newly written."""
+        forward pass over at least those tokens); returns the tokens newly written. With
+        ``wait=False`` it returns once the copies are queued (0): the first token need not wait
+        for them; `flush()` (or the next `restore`) waits."""
         ids = self._ids(input_ids)
         n = (len(ids) // self.chunk) * self.chunk
         if n == 0:
@@ -104,7 +107,18 @@ class PrefixStore:
         if event is not None:
             event.record()
         ticket = self.engine.store(ids[:n], self._layout(staging), None, event.cuda_event if event is not None else 0)
+        if not wait:
+            self._pending.append((ticket, staging))  # the staging tensor lives until the copies are done
+            return 0
         return ticket.wait()
+
+    def flush(self) -> int:
+        """Waits for the stores `save(wait=False)` queued; returns the tokens they wrote."""
+        done = 0
+        for ticket, _ in self._pending:
+            done += ticket.wait()
+        self._pending.clear()
+        return done
 
     def lookup(self, input_ids: Any) -> int:
         """Tokens of `input_ids` that `restore` would bring back (whole chunks, the last token left out)."""
@@ -121,6 +135,7 @@ class PrefixStore:
         tokens it holds (None and 0 on a miss). Run the model on `input_ids[hit:]` with it."""
         from transformers import DynamicCache
 
+        self.flush()
         ids = self._ids(input_ids)
         hit = self._usable(self.engine.lookup(ids), len(ids))
         if hit == 0:
