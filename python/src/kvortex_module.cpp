@@ -64,6 +64,10 @@ std::vector<kvortex::token_id> tokens_of(const py::handle& obj) {
     if (b.ndim != 1) throw py::value_error("tokens: expected a 1-D array, got " + std::to_string(b.ndim) + " dimensions");
     out.resize(static_cast<std::size_t>(b.shape[0]));
     const auto* base = static_cast<const std::byte*>(b.ptr);
+    if (b.itemsize == 4 && b.strides[0] == 4 && (b.format == "i" || b.format == "l")) {  // dense int32: one copy
+      if (!out.empty()) std::memcpy(out.data(), base, out.size() * 4);
+      return out;
+    }
     for (std::size_t i = 0; i < out.size(); ++i) {
       const std::byte* p = base + static_cast<std::ptrdiff_t>(i) * b.strides[0];
       if (b.format == py::format_descriptor<std::int32_t>::format() || (b.itemsize == 4 && (b.format == "i" || b.format == "l"))) {
