@@ -19,7 +19,7 @@
 #include <thread>
 #include <vector>
 
-#include "test_support.hpp"
+#include "tier_support.hpp"
 
 #include "kvortex/kvortex.hpp"
 #include "kvortex/tiers/disk_tier.hpp"
@@ -27,6 +27,8 @@
 namespace {
 
 namespace fs = std::filesystem;
+using kvt::retrieve_checked;
+using kvt::store_prompt;
 using kvortex::disk_tier;
 using kvortex::disk_tier_config;
 using kvortex::engine_config;
@@ -71,30 +73,6 @@ disk_engine make_engine(const engine_config& c, const std::string& dir) {
   auto e = disk_engine::create(c, disk_backend(kvortex::cpu_backend{}, std::move(*tier)));
   REQUIRE_MESSAGE(e.has_value(), e.error().message);
   return std::move(*e);
-}
-
-// Stores `tokens` from a cache filled with their KV; returns the tokens the store wrote.
-std::size_t store_prompt(disk_engine& e, const std::vector<kvortex::token_id>& tokens) {
-  const auto& c = e.config();
-  kvt::paged_cache src(c.geometry, tokens.size() / c.block_tokens + 1, c.block_tokens);
-  src.fill(tokens, {});
-  auto t = e.store(tokens, src.layout());
-  REQUIRE_MESSAGE(t.has_value(), t.error().message);
-  auto n = t->wait();
-  REQUIRE_MESSAGE(n.has_value(), n.error().message);
-  return *n;
-}
-
-// Retrieves `tokens` into a fresh cache; returns the tokens served and checks every byte of them.
-std::size_t retrieve_checked(disk_engine& e, const std::vector<kvortex::token_id>& tokens) {
-  const auto& c = e.config();
-  kvt::paged_cache dst(c.geometry, tokens.size() / c.block_tokens + 1, c.block_tokens);
-  auto t = e.retrieve(tokens, dst.layout());
-  REQUIRE_MESSAGE(t.has_value(), t.error().message);
-  auto n = t->wait();
-  REQUIRE_MESSAGE(n.has_value(), n.error().message);
-  CHECK(dst.mismatches(tokens, *n, {}) == 0);
-  return *n;
 }
 
 std::size_t chunk_files(const std::string& dir) {

@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "redis_support.hpp"
-#include "test_support.hpp"
+#include "tier_support.hpp"
 
 #include "kvortex/kvortex.hpp"
 #include "kvortex/tiers/disk_tier.hpp"
@@ -27,6 +27,8 @@
 namespace {
 
 using namespace std::chrono_literals;
+using kvt::retrieve_checked;
+using kvt::store_prompt;
 using kvortex::engine_config;
 using kvortex::redis_tier;
 using kvortex::redis_tier_config;
@@ -49,30 +51,6 @@ redis_tier_config redis_config(const engine_config& c, const kvr::redis_server& 
   r.reconnect_backoff_min = 10ms;
   r.reconnect_backoff_max = 50ms;
   return r;
-}
-
-template <class Engine>
-std::size_t store_prompt(Engine& e, const std::vector<kvortex::token_id>& tokens) {
-  const auto& c = e.config();
-  kvt::paged_cache src(c.geometry, tokens.size() / c.block_tokens + 1, c.block_tokens);
-  src.fill(tokens, {});
-  auto t = e.store(tokens, src.layout());
-  REQUIRE_MESSAGE(t.has_value(), t.error().message);
-  auto n = t->wait();
-  REQUIRE_MESSAGE(n.has_value(), n.error().message);
-  return *n;
-}
-
-template <class Engine>
-std::size_t retrieve_checked(Engine& e, const std::vector<kvortex::token_id>& tokens) {
-  const auto& c = e.config();
-  kvt::paged_cache dst(c.geometry, tokens.size() / c.block_tokens + 1, c.block_tokens);
-  auto t = e.retrieve(tokens, dst.layout());
-  REQUIRE_MESSAGE(t.has_value(), t.error().message);
-  auto n = t->wait();
-  REQUIRE_MESSAGE(n.has_value(), n.error().message);
-  CHECK(dst.mismatches(tokens, *n, {}) == 0);
-  return *n;
 }
 
 redis_engine make_engine(const engine_config& c, const kvr::redis_server& s) {

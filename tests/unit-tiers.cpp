@@ -20,7 +20,7 @@
 #include <thread>
 #include <vector>
 
-#include "test_support.hpp"
+#include "tier_support.hpp"
 
 namespace {
 
@@ -117,29 +117,8 @@ kvortex::engine_config config(std::size_t memory_chunks) {
   return c;
 }
 
-template <class Engine>
-std::size_t store(Engine& e, const std::vector<kvortex::token_id>& tokens) {
-  const auto& c = e.config();
-  kvt::paged_cache src(c.geometry, tokens.size() / c.block_tokens + 1, c.block_tokens);
-  src.fill(tokens, {});
-  auto t = e.store(tokens, src.layout());
-  REQUIRE(t.has_value());
-  auto n = t->wait();
-  REQUIRE(n.has_value());
-  return *n;
-}
-
-template <class Engine>
-std::size_t retrieve(Engine& e, const std::vector<kvortex::token_id>& tokens) {
-  const auto& c = e.config();
-  kvt::paged_cache dst(c.geometry, tokens.size() / c.block_tokens + 1, c.block_tokens);
-  auto t = e.retrieve(tokens, dst.layout());
-  REQUIRE(t.has_value());
-  auto n = t->wait();
-  REQUIRE(n.has_value());
-  CHECK(dst.mismatches(tokens, *n, {}) == 0);
-  return *n;
-}
+std::size_t store(held_engine& e, const std::vector<kvortex::token_id>& tokens) { return kvt::store_prompt(e, tokens); }
+std::size_t retrieve(held_engine& e, const std::vector<kvortex::token_id>& tokens) { return kvt::retrieve_checked(e, tokens); }
 
 }  // namespace
 

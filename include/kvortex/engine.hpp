@@ -246,17 +246,9 @@ class basic_engine {
   /// @brief Validates `cfg` and builds every policy from it (see `detail::make_policy`).
   [[nodiscard]] static result<basic_engine> create(const engine_config& cfg) {
     if (auto v = cfg.validate(); !v) return std::unexpected(v.error());
-    auto a = detail::make_policy<Allocator>(cfg);
-    if (!a) return std::unexpected(a.error());
-    auto h = detail::make_policy<Hasher>(cfg);
-    if (!h) return std::unexpected(h.error());
-    auto e = detail::make_policy<EvictionPolicy>(cfg);
-    if (!e) return std::unexpected(e.error());
     auto b = detail::make_policy<Backend>(cfg);
     if (!b) return std::unexpected(b.error());
-    auto s = detail::make_policy<TransferScheduler>(cfg);
-    if (!s) return std::unexpected(s.error());
-    return create(cfg, std::move(*a), std::move(*h), std::move(*e), std::move(*b), std::move(*s));
+    return create(cfg, std::move(*b));
   }
 
   /// @brief Validates `cfg`, takes `b` as the backend and builds the other policies from `cfg`;
@@ -778,9 +770,6 @@ class basic_engine {
       const auto seed = detail::namespace_seed(cfg);
       root = hasher.root(seed);
     }
-    ~state() {
-      if constexpr (tiered) pipeline.reset();  // before the index it points into
-    }
 
     engine_config cfg;
     Allocator alloc;
@@ -793,6 +782,7 @@ class basic_engine {
     // Which chunks are in memory; its stopped() flag is set under its lock, first thing shutdown does.
     index_type index;
     // Tiered backends: moves chunks between memory and the tiers (made and started by create).
+    // Declared after the index it points into, so it is destroyed first.
     std::unique_ptr<pipeline_type> pipeline;
 
     mutable std::atomic<std::uint64_t> lookups{0}, hit_chunks{0}, miss_chunks{0}, hit_tokens{0}, queried_tokens{0};
