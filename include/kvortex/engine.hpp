@@ -307,11 +307,13 @@ class basic_engine {
   }
 
   /// @brief The chain of keys of `tokens`: one per full chunk, plus the trailing partial chunk when
-  /// `store_partial_chunks` is set.
-  [[nodiscard]] result<std::vector<chunk_key>> chunk_keys(std::span<const token_id> tokens) const {
+  /// `store_partial_chunks` is set. Every token-API call takes a trailing `salt` (see `key_salt`):
+  /// the chain then starts from the namespace's root chained with the salt, so salted and unsalted
+  /// prompts never share a key.
+  [[nodiscard]] result<std::vector<chunk_key>> chunk_keys(std::span<const token_id> tokens, key_salt salt = {}) const {
     if (!s_ || s_->index.stopped().load(std::memory_order_acquire)) return stopped_error("chunk_keys");
     if (tokens.empty()) return fail(errc::invalid_argument, "chunk_keys: empty token list");
-    return keys_of(tokens);
+    return keys_of(tokens, salt);
   }
 
   /// @brief How many leading tokens of `tokens` are stored: walks the chunk chain and stops at the
@@ -322,16 +324,16 @@ class basic_engine {
   /// not change eviction order. After a first-chunk hit in memory it hashes every chunk before
   /// probing, so a partial hit hashes a few chunks in vain; that is cheaper than taking the index
   /// lock once per chunk.
-  [[nodiscard]] result<std::size_t> lookup(std::span<const token_id> tokens) const {
-    auto r = lookup_impl(tokens, nullptr);
+  [[nodiscard]] result<std::size_t> lookup(std::span<const token_id> tokens, key_salt salt = {}) const {
+    auto r = lookup_impl(tokens, nullptr, salt);
     if (!r) return std::unexpected(r.error());
     return *r;
   }
 
   /// @brief As `lookup`, and says how many of the hit tokens each tier holds. Counts as a lookup.
-  [[nodiscard]] result<tiered_lookup> lookup_tiers(std::span<const token_id> tokens) const {
+  [[nodiscard]] result<tiered_lookup> lookup_tiers(std::span<const token_id> tokens, key_salt salt = {}) const {
     tiered_lookup out;
-    auto r = lookup_impl(tokens, &out);
+    auto r = lookup_impl(tokens, &out, salt);
     if (!r) return std::unexpected(r.error());
     return out;
   }
@@ -341,10 +343,10 @@ class basic_engine {
   /// leading tokens in host memory when it is done (the chunks are not pinned: a later retrieve
   /// may still find some evicted). Without storage tiers it completes at once with the leading
   /// tokens in memory. Fails with `capacity_exhausted` when too many prefetches are waiting.
-  [[nodiscard]] result<transfer_ticket> prefetch(std::span<const token_id> tokens) {
+  [[nodiscard]] result<transfer_ticket> prefetch(std::span<const token_id> tokens, key_salt salt = {}) {
     if (!s_ || s_->index.stopped().load(std::memory_order_acquire)) return stopped_error("prefetch");
     if (tokens.empty()) return fail(errc::invalid_argument, "prefetch: empty token list");
-    auto keys = keys_of(tokens);
+    auto keys = keys_of(tokens, salt);
     std::vector<std::size_t> sizes(keys.size());
     std::vector<std::size_t> ntoks(keys.size());
     for (std::size_t i = 0; i < keys.size(); ++i) {
@@ -403,8 +405,8 @@ class basic_engine {
   /// @param hints `wait_event`: copy only after it (e.g. the forward pass's last layer).
   [[nodiscard]] result<transfer_ticket> store(std::span<const token_id> tokens, const kv_layout& src,
                                               std::span<const std::int32_t> block_table = {},
-                                              const transfer_hints& hints = {}) {
-    auto op = begin_store(tokens, src, block_table);
+                                              const transfer_hints& hints = {}, key_salt salt = {}) {
+    auto op = begin_store(tokens, src, block_table, salt);
     if (!op) return std::unexpected(op.error());
     if (auto r = op->submit_all(hints); !r) return std::unexpected(r.error());
     return op->finish();
@@ -413,13 +415,15 @@ class basic_engine {
   /// @brief Copies the stored leading chunks of `tokens` into `dst`. The ticket yields how many
   /// leading tokens were copied (0 on a full miss). The chunks stay pinned until it completes.
   /// @param block_table physical block of each logical block of `dst`; it must address all of `tokens`.
+  ///   An entry equal to `kv_layout::skip_block` marks a block the destination already holds (e.g.
+  ///   an inference engine's own prefix cache): it is not written, and the hit still counts it.
   /// @param hints `stream`: a device stream made to wait for the copies, so the host need not.
   [[nodiscard]] result<transfer_ticket> retrieve(std::span<const token_id> tokens, const kv_layout& dst,
                                                  std::span<const std::int32_t> block_table = {},
-                                                 const transfer_hints& hints = {}) {
+                                                 const transfer_hints& hints = {}, key_salt salt = {}) {
     // Pipelined: each chunk's copies are submitted as soon as it is in memory, so the copies of
     // chunks brought up from a tier overlap the reads of the next ones.
-    auto op = begin_retrieve_impl(tokens, dst, block_table, &hints);
+    auto op = begin_retrieve_impl(tokens, dst, block_table, &hints, salt);
     if (!op) return std::unexpected(op.error());
     return op->finish();
   }
@@ -429,7 +433,8 @@ class basic_engine {
   /// readable once every layer is copied and `finish` is called; a transfer dropped before that is
   /// rolled back.
   [[nodiscard]] result<layered_transfer> begin_store(std::span<const token_id> tokens, const kv_layout& src,
-                                                     std::span<const std::int32_t> block_table = {}) {
+                                                     std::span<const std::int32_t> block_table = {},
+                                                     key_salt salt = {}) {
     if (!s_) return stopped_error("store");
     const auto t0 = detail::clock::now();
     if (tokens.empty()) return fail(errc::invalid_argument, "store: empty token list");
@@ -438,7 +443,7 @@ class basic_engine {
     const std::size_t covered = std::min(tokens.size(), n * s_->cfg.chunk_tokens);
     if (covered > 0)
       if (auto v = src.check_table(block_table, covered); !v) return std::unexpected(v.error());
-    auto keys = keys_of(tokens);
+    auto keys = keys_of(tokens, salt);
     keys.resize(n);
     std::vector<std::size_t> sizes(n);
     for (std::size_t i = 0; i < n; ++i) sizes[i] = chunk_bytes(chunk_tokens_of(tokens, i).size());
@@ -454,10 +459,12 @@ class basic_engine {
 
   /// @brief Starts a retrieve driven layer by layer: pins the stored leading chunks now (`tokens()`
   /// says how many tokens they hold), then copies each layer when `submit_layer` is called, so the
-  /// forward pass can start on layer 0 while later layers are still in flight.
+  /// forward pass can start on layer 0 while later layers are still in flight. `block_table` as
+  /// for `retrieve` (`kv_layout::skip_block` entries are not written).
   [[nodiscard]] result<layered_transfer> begin_retrieve(std::span<const token_id> tokens, const kv_layout& dst,
-                                                        std::span<const std::int32_t> block_table = {}) {
-    return begin_retrieve_impl(tokens, dst, block_table, nullptr);
+                                                        std::span<const std::int32_t> block_table = {},
+                                                        key_salt salt = {}) {
+    return begin_retrieve_impl(tokens, dst, block_table, nullptr, salt);
   }
 
   /// @brief Stores `sizes[i]` bytes at `ptrs[i]` under `keys[i]`; synchronous. Keys already
@@ -807,16 +814,16 @@ class basic_engine {
   // every layer of each chunk is submitted as soon as the chunk is in memory.
   result<layered_transfer> begin_retrieve_impl(std::span<const token_id> tokens, const kv_layout& dst,
                                                std::span<const std::int32_t> block_table,
-                                               const transfer_hints* pipelined) {
+                                               const transfer_hints* pipelined, key_salt salt) {
     if (!s_) return stopped_error("retrieve");
     const auto t0 = detail::clock::now();
     if (tokens.empty()) return fail(errc::invalid_argument, "retrieve: empty token list");
     if (auto v = check_layout(dst, "retrieve"); !v) return std::unexpected(v.error());
     // Two copies writing the same bytes would race (and the last one would win at random).
     if (auto v = dst.check_destination(); !v) return fail(v.error().code, "retrieve: " + v.error().message);
-    if (auto v = dst.check_table(block_table, tokens.size(), /*distinct=*/true); !v)
+    if (auto v = dst.check_table(block_table, tokens.size(), /*distinct=*/true, /*skips=*/true); !v)
       return fail(v.error().code, "retrieve: " + v.error().message);
-    auto keys = keys_of(tokens);
+    auto keys = keys_of(tokens, salt);
     keys.resize(usable_chunks(tokens.size(), dst));
     auto& st = *s_;
     auto op = new_operation(false, t0, &st.retrieve_latency);
@@ -872,12 +879,13 @@ class basic_engine {
     return out;
   }
 
-  result<std::size_t> lookup_impl(std::span<const token_id> tokens, tiered_lookup* detail_out) const {
+  result<std::size_t> lookup_impl(std::span<const token_id> tokens, tiered_lookup* detail_out, key_salt salt) const {
     if (!s_) return stopped_error("lookup");
     if (tokens.empty()) return fail(errc::invalid_argument, "lookup: empty token list");
     const auto t0 = detail::clock::now();
     auto& st = *s_;
     if (st.index.stopped().load(std::memory_order_acquire)) return stopped_error("lookup");
+    const chunk_key root = root_of(salt);
     const std::size_t n = chunk_count(tokens.size());
     // The first chunk alone, then the rest in one batch under one lock: a miss costs one hash,
     // a hit pays the lock once instead of once per chunk.
@@ -885,7 +893,7 @@ class basic_engine {
     keys.resize(n);
     std::size_t hit = 0, hit_tokens = 0, hashed = 0;
     const auto walk = [&](std::size_t end) {
-      for (std::size_t i = hashed; i < end; ++i) keys[i] = st.hasher.chain(i == 0 ? st.root : keys[i - 1], chunk_tokens_of(tokens, i));
+      for (std::size_t i = hashed; i < end; ++i) keys[i] = st.hasher.chain(i == 0 ? root : keys[i - 1], chunk_tokens_of(tokens, i));
       hashed = std::max(hashed, end);
       std::shared_lock lk(st.index.mutex());
       for (; hit < end; ++hit) {
@@ -904,7 +912,7 @@ class basic_engine {
     std::size_t below = 0;
     if constexpr (tiered) {
       if (hit < n) {
-        for (std::size_t i = hashed; i < n; ++i) keys[i] = st.hasher.chain(i == 0 ? st.root : keys[i - 1], chunk_tokens_of(tokens, i));
+        for (std::size_t i = hashed; i < n; ++i) keys[i] = st.hasher.chain(i == 0 ? root : keys[i - 1], chunk_tokens_of(tokens, i));
         thread_local std::vector<std::uint8_t> source;
         std::array<std::size_t, Backend::tier_count> found{};
         below = st.pipeline->probe(std::span<const chunk_key>(keys.data(), n), hit, source, found, /*count_lookup=*/true);
@@ -931,10 +939,21 @@ class basic_engine {
     return hit_tokens;
   }
 
-  [[nodiscard]] std::vector<chunk_key> keys_of(std::span<const token_id> tokens) const {
+  // The salt becomes a pseudo-chunk of more than `chunk_tokens` tokens (a length no real chunk
+  // has), so no salted root equals the key of a real first chunk.
+  [[nodiscard]] chunk_key root_of(key_salt salt) const {
+    if (salt.empty()) return s_->root;
+    const std::size_t words = 1 + (salt.size() + sizeof(token_id) - 1) / sizeof(token_id);
+    std::vector<token_id> pseudo(std::max(words, s_->cfg.chunk_tokens + 1), 0);
+    pseudo[0] = static_cast<token_id>(static_cast<std::uint32_t>(salt.size()));
+    std::memcpy(pseudo.data() + 1, salt.data(), salt.size());
+    return s_->hasher.chain(s_->root, pseudo);
+  }
+
+  [[nodiscard]] std::vector<chunk_key> keys_of(std::span<const token_id> tokens, key_salt salt) const {
     std::vector<chunk_key> keys;
     keys.reserve(chunk_count(tokens.size()));
-    chunk_key k = s_->root;
+    chunk_key k = root_of(salt);
     for (std::size_t i = 0, n = chunk_count(tokens.size()); i < n; ++i) {
       k = s_->hasher.chain(k, chunk_tokens_of(tokens, i));
       keys.push_back(k);

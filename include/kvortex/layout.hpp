@@ -39,6 +39,10 @@ class kv_layout {
   /// @brief The most layers `cross_layer` builds pointers for (real models have a few hundred).
   static constexpr std::uint32_t max_layers = 65536;
 
+  /// @brief A retrieve's block-table entry for a block the destination already holds: the block
+  /// is not written. Only destinations accept it (`check_table` with `skips`).
+  static constexpr std::int32_t skip_block = -1;
+
   /// @brief A contiguous cache per layer, `[planes][max_tokens][kv_heads][head_dim]`, as used by
   /// simple C++ servers; block tables may be left empty (identity).
   [[nodiscard]] static result<kv_layout> contiguous(std::span<std::byte* const> layer_ptrs,
@@ -207,9 +211,10 @@ class kv_layout {
 
   /// @brief Checks that a block table can address `tokens` tokens; an empty table means identity.
   /// With `distinct` (destinations), no physical block may appear twice among the entries used:
-  /// fails with `errc::invalid_argument` naming both positions.
+  /// fails with `errc::invalid_argument` naming both positions. With `skips`, entries equal to
+  /// `skip_block` are accepted and name no block.
   [[nodiscard]] result<void> check_table(std::span<const std::int32_t> table, std::size_t tokens,
-                                         bool distinct = false) const {
+                                         bool distinct = false, bool skips = false) const {
     const std::size_t need = (tokens + block_tokens_ - 1) / block_tokens_;
     if (table.empty()) {
       if (need > num_blocks_)
@@ -222,15 +227,17 @@ class kv_layout {
       return fail(errc::size_mismatch, std::to_string(tokens) + " tokens need " + std::to_string(need) +
                                            " block table entries, got " + std::to_string(table.size()));
     for (std::size_t i = 0; i < need; ++i)
-      if (table[i] < 0 || static_cast<std::size_t>(table[i]) >= num_blocks_)
+      if ((table[i] < 0 && !(skips && table[i] == skip_block)) || (table[i] >= 0 && static_cast<std::size_t>(table[i]) >= num_blocks_))
         return fail(errc::invalid_argument, "block_table[" + std::to_string(i) + "] = " +
                                                 std::to_string(table[i]) + " is outside [0, " +
                                                 std::to_string(num_blocks_) + ")");
     if (distinct && need > 1) {
-      std::vector<std::pair<std::int32_t, std::size_t>> seen(need);
-      for (std::size_t i = 0; i < need; ++i) seen[i] = {table[i], i};
+      std::vector<std::pair<std::int32_t, std::size_t>> seen;
+      seen.reserve(need);
+      for (std::size_t i = 0; i < need; ++i)
+        if (table[i] != skip_block) seen.emplace_back(table[i], i);
       std::sort(seen.begin(), seen.end());
-      for (std::size_t i = 1; i < need; ++i)
+      for (std::size_t i = 1; i < seen.size(); ++i)
         if (seen[i].first == seen[i - 1].first)
           return fail(errc::invalid_argument, "block_table[" + std::to_string(seen[i - 1].second) + "] and block_table[" +
                                                   std::to_string(seen[i].second) + "] both name block " +
@@ -263,7 +270,8 @@ class kv_layout {
   /// the chunk. Where rows are contiguous but not packed, each block is one 2D op of whole rows.
   /// @param chunk the chunk's bytes, laid out `[layer][plane][count][row]` (all layers).
   /// @param to_chunk true copies cache -> chunk (store), false chunk -> cache (retrieve).
-  /// The table must have passed `check_table` for `first + count` tokens.
+  /// The table must have passed `check_table` for `first + count` tokens; blocks whose entry is
+  /// `skip_block` get no copies.
   void append_copies(std::vector<copy_op>& out, std::span<const std::int32_t> table, std::size_t first,
                      std::size_t count, std::byte* chunk, bool to_chunk, std::size_t layer_first = 0,
                      std::size_t layer_count = static_cast<std::size_t>(-1)) const {
@@ -287,8 +295,13 @@ class kv_layout {
         for (std::size_t t = first; t < first + count;) {
           const std::size_t logical = t / block_tokens_;
           const std::size_t slot = t % block_tokens_;
-          const std::size_t block = table.empty() ? logical : static_cast<std::size_t>(table[logical]);
           const std::size_t n = std::min(block_tokens_ - slot, first + count - t);
+          if (!table.empty() && table[logical] == skip_block) {
+            cursor += n * row;
+            t += n;
+            continue;
+          }
+          const std::size_t block = table.empty() ? logical : static_cast<std::size_t>(table[logical]);
           std::byte* tok = plane_base + static_cast<std::ptrdiff_t>(block) * strides_.block +
                            static_cast<std::ptrdiff_t>(slot) * strides_.token;
           if (runs || n == 1) {

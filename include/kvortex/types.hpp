@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <span>
 #include <string>
 
 #include "kvortex/detail/key_hash.hpp"
@@ -18,6 +19,11 @@ namespace kvortex {
 
 /// @brief A token id as inference engines hand them over (vLLM, SGLang and TensorRT-LLM use 32 bits).
 using token_id = std::int32_t;
+
+/// @brief Bytes that scope a prompt's keys inside the engine's namespace: a tenant's cache salt,
+/// a LoRA adapter, the identity of a multimodal input. A prompt stored under one salt is found only
+/// under the same salt; the empty salt is the namespace alone. Any length; 0 bytes is not 1 zero byte.
+using key_salt = std::span<const std::byte>;
 
 /// @brief A chunk's identity: a 32-byte digest chaining every token before and in the chunk.
 ///

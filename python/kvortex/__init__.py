@@ -28,7 +28,7 @@ import asyncio
 from typing import Any, Iterable, Mapping, Sequence
 
 from . import _kvortex
-from ._kvortex import Layout, LayeredTransfer, Ticket, has_cuda, has_disk_tier, has_redis_tier, log_to_stderr
+from ._kvortex import Layout, LayeredTransfer, LookupClient, Ticket, has_cuda, has_disk_tier, has_redis_tier, log_to_stderr
 
 __version__ = _kvortex.__version__
 
@@ -37,6 +37,7 @@ __all__ = [
     "Error",
     "Layout",
     "LayeredTransfer",
+    "LookupClient",
     "Ticket",
     "contiguous_layout",
     "cross_layer_layout",
@@ -95,7 +96,11 @@ class Engine(_kvortex.Engine):
     from device tensors).
 
     Methods take token ids as a 1-D int32/int64 array or a sequence of ints, block tables likewise
-    (``None``: identity). ``store``/``retrieve`` return a ``Ticket`` (``wait()``, ``ready()``,
+    (``None``: identity; in a retrieve's table, ``-1`` marks a block the cache already holds: it
+    is not written). Every token method takes ``salt=`` (bytes or str): a prompt stored under a
+    salt is found only under the same salt (tenants' cache salts, LoRA adapters, multimodal
+    inputs). ``serve_lookups(path)`` answers ``lookup`` for other processes over a Unix socket
+    (``LookupClient``), on a thread that never takes the GIL. ``store``/``retrieve`` return a ``Ticket`` (``wait()``, ``ready()``,
     awaitable); ``begin_store``/``begin_retrieve`` a ``LayeredTransfer`` (``submit_layer(i,
     stream=0, event=0)``, ``submit_all``, ``finish``). ``stream``/``event`` are CUDA handles as
     ints (``torch.cuda.current_stream().cuda_stream``, ``event.cuda_event``): a retrieve makes the

@@ -20,6 +20,8 @@
 #include <kvortex/deployment_config.hpp>
 #include <kvortex/kvortex.hpp>
 #include <kvortex/logging.hpp>
+#include <kvortex/lookup_client.hpp>
+#include <kvortex/lookup_server.hpp>
 #include <kvortex/version.hpp>
 
 #if defined(KVORTEX_WITH_XXHASH)
@@ -93,6 +95,15 @@ std::vector<kvortex::token_id> tokens_of(const py::handle& obj) {
   return out;
 }
 
+// A key salt from bytes or str (UTF-8); None is the empty salt.
+std::string salt_of(const py::handle& obj) {
+  if (obj.is_none()) return {};
+  if (py::isinstance<py::bytes>(obj)) return obj.cast<std::string>();
+  if (py::isinstance<py::str>(obj)) return obj.cast<std::string>();
+  throw py::type_error("salt: expected bytes, str or None");
+}
+kvortex::key_salt view_of(const std::string& s) { return {reinterpret_cast<const std::byte*>(s.data()), s.size()}; }
+
 std::vector<std::int32_t> table_of(const py::handle& obj) {
   std::vector<std::int32_t> out;
   if (obj.is_none()) return out;
@@ -135,18 +146,23 @@ class py_engine {
   virtual ~py_engine() = default;
   virtual const kvortex::engine_config& config() const = 0;
   virtual std::string stack() const = 0;
-  virtual kvortex::result<std::size_t> lookup(std::span<const kvortex::token_id>) = 0;
-  virtual kvortex::result<kvortex::tiered_lookup> lookup_tiers(std::span<const kvortex::token_id>) = 0;
+  virtual kvortex::result<std::size_t> lookup(std::span<const kvortex::token_id>, kvortex::key_salt) = 0;
+  virtual kvortex::result<kvortex::tiered_lookup> lookup_tiers(std::span<const kvortex::token_id>, kvortex::key_salt) = 0;
   virtual kvortex::result<kvortex::transfer_ticket> store(std::span<const kvortex::token_id>, const kvortex::kv_layout&,
-                                                          std::span<const std::int32_t>, const kvortex::transfer_hints&) = 0;
+                                                          std::span<const std::int32_t>, const kvortex::transfer_hints&,
+                                                          kvortex::key_salt) = 0;
   virtual kvortex::result<kvortex::transfer_ticket> retrieve(std::span<const kvortex::token_id>, const kvortex::kv_layout&,
-                                                             std::span<const std::int32_t>, const kvortex::transfer_hints&) = 0;
+                                                             std::span<const std::int32_t>, const kvortex::transfer_hints&,
+                                                             kvortex::key_salt) = 0;
   virtual kvortex::result<std::unique_ptr<py_layered>> begin_store(std::span<const kvortex::token_id>, const kvortex::kv_layout&,
-                                                                   std::span<const std::int32_t>) = 0;
+                                                                   std::span<const std::int32_t>, kvortex::key_salt) = 0;
   virtual kvortex::result<std::unique_ptr<py_layered>> begin_retrieve(std::span<const kvortex::token_id>,
-                                                                      const kvortex::kv_layout&, std::span<const std::int32_t>) = 0;
-  virtual kvortex::result<kvortex::transfer_ticket> prefetch(std::span<const kvortex::token_id>) = 0;
-  virtual kvortex::result<std::vector<kvortex::chunk_key>> chunk_keys(std::span<const kvortex::token_id>) = 0;
+                                                                      const kvortex::kv_layout&, std::span<const std::int32_t>,
+                                                                      kvortex::key_salt) = 0;
+  virtual kvortex::result<kvortex::transfer_ticket> prefetch(std::span<const kvortex::token_id>, kvortex::key_salt) = 0;
+  virtual kvortex::result<std::vector<kvortex::chunk_key>> chunk_keys(std::span<const kvortex::token_id>, kvortex::key_salt) = 0;
+  virtual kvortex::result<void> serve_lookups(kvortex::lookup_server_config) = 0;
+  virtual std::vector<kvortex::lookup_server_stats> lookup_server_stats() const = 0;
   virtual kvortex::result<std::size_t> save_blocks(std::span<const kvortex::chunk_key>, std::span<const std::byte* const>,
                                                    std::span<const std::size_t>) = 0;
   virtual kvortex::result<void> load_blocks(std::span<const kvortex::chunk_key>, std::span<std::byte* const>,
@@ -178,45 +194,60 @@ class engine_of final : public py_engine {
   engine_of(E e, std::string stack) : cfg_(e.config()), e_(std::move(e)), stack_(std::move(stack)) {}
   const kvortex::engine_config& config() const override { return cfg_; }
   std::string stack() const override { return stack_; }
-  kvortex::result<std::size_t> lookup(std::span<const kvortex::token_id> t) override {
+  kvortex::result<std::size_t> lookup(std::span<const kvortex::token_id> t, kvortex::key_salt s) override {
     if (!e_) return gone("lookup");
-    return e_->lookup(t);
+    return e_->lookup(t, s);
   }
-  kvortex::result<kvortex::tiered_lookup> lookup_tiers(std::span<const kvortex::token_id> t) override {
+  kvortex::result<kvortex::tiered_lookup> lookup_tiers(std::span<const kvortex::token_id> t, kvortex::key_salt s) override {
     if (!e_) return gone("lookup");
-    return e_->lookup_tiers(t);
+    return e_->lookup_tiers(t, s);
   }
   kvortex::result<kvortex::transfer_ticket> store(std::span<const kvortex::token_id> t, const kvortex::kv_layout& l,
-                                                  std::span<const std::int32_t> b, const kvortex::transfer_hints& h) override {
+                                                  std::span<const std::int32_t> b, const kvortex::transfer_hints& h,
+                                                  kvortex::key_salt s) override {
     if (!e_) return gone("store");
-    return e_->store(t, l, b, h);
+    return e_->store(t, l, b, h, s);
   }
   kvortex::result<kvortex::transfer_ticket> retrieve(std::span<const kvortex::token_id> t, const kvortex::kv_layout& l,
-                                                     std::span<const std::int32_t> b, const kvortex::transfer_hints& h) override {
+                                                     std::span<const std::int32_t> b, const kvortex::transfer_hints& h,
+                                                     kvortex::key_salt s) override {
     if (!e_) return gone("retrieve");
-    return e_->retrieve(t, l, b, h);
+    return e_->retrieve(t, l, b, h, s);
   }
   kvortex::result<std::unique_ptr<py_layered>> begin_store(std::span<const kvortex::token_id> t, const kvortex::kv_layout& l,
-                                                           std::span<const std::int32_t> b) override {
+                                                           std::span<const std::int32_t> b, kvortex::key_salt s) override {
     if (!e_) return gone("store");
-    auto r = e_->begin_store(t, l, b);
+    auto r = e_->begin_store(t, l, b, s);
     if (!r) return std::unexpected(r.error());
     return std::unique_ptr<py_layered>(std::make_unique<layered_of<E>>(std::move(*r)));
   }
   kvortex::result<std::unique_ptr<py_layered>> begin_retrieve(std::span<const kvortex::token_id> t, const kvortex::kv_layout& l,
-                                                              std::span<const std::int32_t> b) override {
+                                                              std::span<const std::int32_t> b, kvortex::key_salt s) override {
     if (!e_) return gone("retrieve");
-    auto r = e_->begin_retrieve(t, l, b);
+    auto r = e_->begin_retrieve(t, l, b, s);
     if (!r) return std::unexpected(r.error());
     return std::unique_ptr<py_layered>(std::make_unique<layered_of<E>>(std::move(*r)));
   }
-  kvortex::result<kvortex::transfer_ticket> prefetch(std::span<const kvortex::token_id> t) override {
+  kvortex::result<kvortex::transfer_ticket> prefetch(std::span<const kvortex::token_id> t, kvortex::key_salt s) override {
     if (!e_) return gone("prefetch");
-    return e_->prefetch(t);
+    return e_->prefetch(t, s);
   }
-  kvortex::result<std::vector<kvortex::chunk_key>> chunk_keys(std::span<const kvortex::token_id> t) override {
+  kvortex::result<std::vector<kvortex::chunk_key>> chunk_keys(std::span<const kvortex::token_id> t, kvortex::key_salt s) override {
     if (!e_) return gone("chunk_keys");
-    return e_->chunk_keys(t);
+    return e_->chunk_keys(t, s);
+  }
+  kvortex::result<void> serve_lookups(kvortex::lookup_server_config c) override {
+    if (!e_) return gone("serve_lookups");
+    E* e = &*e_;  // the servers stop before the engine goes (shutdown, member order)
+    auto srv = kvortex::lookup_server::start(std::move(c), [e](std::span<const kvortex::token_id> t, kvortex::key_salt s) { return e->lookup(t, s); });
+    if (!srv) return std::unexpected(srv.error());
+    servers_.push_back(std::move(*srv));
+    return {};
+  }
+  std::vector<kvortex::lookup_server_stats> lookup_server_stats() const override {
+    std::vector<kvortex::lookup_server_stats> out;
+    for (const auto& s : servers_) out.push_back(s.stats());
+    return out;
   }
   kvortex::result<std::size_t> save_blocks(std::span<const kvortex::chunk_key> k, std::span<const std::byte* const> p,
                                            std::span<const std::size_t> s) override {
@@ -236,7 +267,10 @@ class engine_of final : public py_engine {
   void flush() override {
     if (e_) e_->flush();
   }
-  void shutdown() override { e_.reset(); }
+  void shutdown() override {
+    servers_.clear();
+    e_.reset();
+  }
 
  private:
   static std::unexpected<kvortex::error> gone(const char* op) {
@@ -245,6 +279,7 @@ class engine_of final : public py_engine {
   kvortex::engine_config cfg_;
   std::optional<E> e_;
   std::string stack_;
+  std::vector<kvortex::lookup_server> servers_;  // last: destroyed (stopped) before the engine
 };
 
 // Opens the tiers a deployment names (their namespace digest, when left zero, is the engine's) and
@@ -533,21 +568,23 @@ PYBIND11_MODULE(_kvortex, m) {
         d["element_bytes"] = g.element_bytes;
         return d;
       })
-      .def("lookup", [](py_engine& e, const py::handle& tokens) {
+      .def("lookup", [](py_engine& e, const py::handle& tokens, const py::handle& salt) {
         const auto t = tokens_of(tokens);
+        const auto k = salt_of(salt);
         kvortex::result<std::size_t> r = 0;
         {
           py::gil_scoped_release nogil;
-          r = e.lookup(t);
+          r = e.lookup(t, view_of(k));
         }
         return take(std::move(r));
-      })
-      .def("lookup_tiers", [](py_engine& e, const py::handle& tokens) {
+      }, py::arg("tokens"), py::arg("salt") = py::none())
+      .def("lookup_tiers", [](py_engine& e, const py::handle& tokens, const py::handle& salt) {
         const auto t = tokens_of(tokens);
+        const auto k = salt_of(salt);
         kvortex::result<kvortex::tiered_lookup> r = kvortex::tiered_lookup{};
         {
           py::gil_scoped_release nogil;
-          r = e.lookup_tiers(t);
+          r = e.lookup_tiers(t, view_of(k));
         }
         const auto w = take(std::move(r));
         py::dict d;
@@ -555,68 +592,102 @@ PYBIND11_MODULE(_kvortex, m) {
         d["memory"] = w.memory_tokens;
         for (const auto& h : w.tiers) d[py::str(std::string(h.tier))] = h.tokens;
         return d;
-      })
+      }, py::arg("tokens"), py::arg("salt") = py::none())
       .def(
           "store",
-          [](py_engine& e, const py::handle& tokens, const kvortex::kv_layout& l, const py::handle& table, std::uintptr_t event) {
+          [](py_engine& e, const py::handle& tokens, const kvortex::kv_layout& l, const py::handle& table, std::uintptr_t event,
+             const py::handle& salt) {
             const auto t = tokens_of(tokens);
             const auto b = table_of(table);
+            const auto k = salt_of(salt);
             kvortex::result<kvortex::transfer_ticket> r = kvortex::transfer_ticket{};
             {
               py::gil_scoped_release nogil;
-              r = e.store(t, l, b, hints_of(0, event));
+              r = e.store(t, l, b, hints_of(0, event), view_of(k));
             }
             return take(std::move(r));
           },
-          py::arg("tokens"), py::arg("layout"), py::arg("block_table") = py::none(), py::arg("event") = 0)
+          py::arg("tokens"), py::arg("layout"), py::arg("block_table") = py::none(), py::arg("event") = 0,
+          py::arg("salt") = py::none())
       .def(
           "retrieve",
-          [](py_engine& e, const py::handle& tokens, const kvortex::kv_layout& l, const py::handle& table, std::uintptr_t stream) {
+          [](py_engine& e, const py::handle& tokens, const kvortex::kv_layout& l, const py::handle& table, std::uintptr_t stream,
+             const py::handle& salt) {
             const auto t = tokens_of(tokens);
             const auto b = table_of(table);
+            const auto k = salt_of(salt);
             kvortex::result<kvortex::transfer_ticket> r = kvortex::transfer_ticket{};
             {
               py::gil_scoped_release nogil;
-              r = e.retrieve(t, l, b, hints_of(stream, 0));
+              r = e.retrieve(t, l, b, hints_of(stream, 0), view_of(k));
             }
             return take(std::move(r));
           },
-          py::arg("tokens"), py::arg("layout"), py::arg("block_table") = py::none(), py::arg("stream") = 0)
+          py::arg("tokens"), py::arg("layout"), py::arg("block_table") = py::none(), py::arg("stream") = 0,
+          py::arg("salt") = py::none())
       .def(
           "begin_store",
-          [](py_engine& e, const py::handle& tokens, const kvortex::kv_layout& l, const py::handle& table) {
+          [](py_engine& e, const py::handle& tokens, const kvortex::kv_layout& l, const py::handle& table,
+             const py::handle& salt) {
             const auto t = tokens_of(tokens);
             const auto b = table_of(table);
+            const auto k = salt_of(salt);
             kvortex::result<std::unique_ptr<py_layered>> r = std::unique_ptr<py_layered>{};
             {
               py::gil_scoped_release nogil;
-              r = e.begin_store(t, l, b);
+              r = e.begin_store(t, l, b, view_of(k));
             }
             return take(std::move(r));
           },
-          py::arg("tokens"), py::arg("layout"), py::arg("block_table") = py::none())
+          py::arg("tokens"), py::arg("layout"), py::arg("block_table") = py::none(), py::arg("salt") = py::none())
       .def(
           "begin_retrieve",
-          [](py_engine& e, const py::handle& tokens, const kvortex::kv_layout& l, const py::handle& table) {
+          [](py_engine& e, const py::handle& tokens, const kvortex::kv_layout& l, const py::handle& table,
+             const py::handle& salt) {
             const auto t = tokens_of(tokens);
             const auto b = table_of(table);
+            const auto k = salt_of(salt);
             kvortex::result<std::unique_ptr<py_layered>> r = std::unique_ptr<py_layered>{};
             {
               py::gil_scoped_release nogil;
-              r = e.begin_retrieve(t, l, b);
+              r = e.begin_retrieve(t, l, b, view_of(k));
             }
             return take(std::move(r));
           },
-          py::arg("tokens"), py::arg("layout"), py::arg("block_table") = py::none())
-      .def("prefetch", [](py_engine& e, const py::handle& tokens) {
+          py::arg("tokens"), py::arg("layout"), py::arg("block_table") = py::none(), py::arg("salt") = py::none())
+      .def("prefetch", [](py_engine& e, const py::handle& tokens, const py::handle& salt) {
         const auto t = tokens_of(tokens);
-        return take(e.prefetch(t));
-      })
-      .def("chunk_keys", [](py_engine& e, const py::handle& tokens) {
+        const auto k = salt_of(salt);
+        return take(e.prefetch(t, view_of(k)));
+      }, py::arg("tokens"), py::arg("salt") = py::none())
+      .def("chunk_keys", [](py_engine& e, const py::handle& tokens, const py::handle& salt) {
         const auto t = tokens_of(tokens);
+        const auto s = salt_of(salt);
         py::list out;
-        for (const auto& k : take(e.chunk_keys(t)))
+        for (const auto& k : take(e.chunk_keys(t, view_of(s))))
           out.append(py::bytes(reinterpret_cast<const char*>(k.bytes.data()), k.bytes.size()));
+        return out;
+      }, py::arg("tokens"), py::arg("salt") = py::none())
+      .def("serve_lookups", [](py_engine& e, const std::string& path, std::size_t max_clients, std::size_t max_tokens) {
+        kvortex::lookup_server_config c;
+        c.path = path;
+        c.max_clients = max_clients;
+        c.max_tokens = max_tokens;
+        take(e.serve_lookups(std::move(c)));
+      }, py::arg("path"), py::arg("max_clients") = 64, py::arg("max_tokens") = std::size_t{1} << 21,
+         "Answers lookup(tokens, salt) for other processes on the Unix socket `path` (mode 0600), on a thread of "
+         "its own that never takes the GIL. Stopped by shutdown().")
+      .def("lookup_server_stats", [](const py_engine& e) {
+        py::list out;
+        for (const auto& s : e.lookup_server_stats()) {
+          py::dict d;
+          d["queries"] = s.queries;
+          d["failed_lookups"] = s.failed_lookups;
+          d["rejected_frames"] = s.rejected_frames;
+          d["clients_accepted"] = s.clients_accepted;
+          d["clients_refused"] = s.clients_refused;
+          out.append(d);
+        }
         return out;
       })
       .def("save_blocks", [](py_engine& e, const std::vector<py::bytes>& keys, const std::vector<std::uintptr_t>& ptrs,
@@ -662,6 +733,41 @@ PYBIND11_MODULE(_kvortex, m) {
       .def("shutdown", [](py_engine& e) {
         py::gil_scoped_release nogil;
         e.shutdown();
+      });
+
+  py::class_<kvortex::lookup_client>(m, "LookupClient")
+      .def(py::init([](const std::vector<std::string>& paths, double backoff_ms, double send_timeout_ms) {
+             kvortex::lookup_client_config c;
+             c.paths = paths;
+             c.reconnect_backoff = std::chrono::milliseconds(static_cast<std::int64_t>(backoff_ms));
+             c.send_timeout = std::chrono::milliseconds(static_cast<std::int64_t>(send_timeout_ms));
+             return take(kvortex::lookup_client::create(std::move(c)));
+           }),
+           py::arg("paths"), py::arg("reconnect_backoff_ms") = 200.0, py::arg("send_timeout_ms") = 20.0)
+      .def("send", [](kvortex::lookup_client& c, const py::handle& tokens, const py::handle& salt) {
+        const auto t = tokens_of(tokens);
+        const auto k = salt_of(salt);
+        return take(c.send(t, view_of(k)));
+      }, py::arg("tokens"), py::arg("salt") = py::none())
+      .def("poll", [](kvortex::lookup_client& c, std::uint64_t id, double wait_us) -> py::object {
+        kvortex::result<std::optional<std::size_t>> r = std::optional<std::size_t>{};
+        {
+          py::gil_scoped_release nogil;
+          r = c.poll(id, std::chrono::microseconds(static_cast<std::int64_t>(wait_us)));
+        }
+        const auto v = take(std::move(r));
+        if (!v) return py::none();
+        return py::int_(*v);
+      }, py::arg("id"), py::arg("wait_us") = 0.0)
+      .def("cancel", &kvortex::lookup_client::cancel, py::arg("id"))
+      .def_property_readonly("pending", &kvortex::lookup_client::pending_queries)
+      .def("stats", [](const kvortex::lookup_client& c) {
+        py::dict d;
+        d["queries"] = c.stats().queries;
+        d["answers"] = c.stats().answers;
+        d["unreachable"] = c.stats().unreachable;
+        d["reconnects"] = c.stats().reconnects;
+        return d;
       });
 
   m.def("_set_error_type", [](py::object t) {
