@@ -16,18 +16,28 @@ class KvortexConan(ConanFile):
     topics = ("llm", "inference", "kv-cache", "header-only")
     package_type = "header-library"
     settings = "os", "arch", "compiler", "build_type"
-    options = {"with_numa": [True, False], "with_xxhash": [True, False]}
-    default_options = {"with_numa": False, "with_xxhash": True}
+    # The optional parts, as in the CMake package: one component (and target) each.
+    options = {"with_numa": [True, False], "with_xxhash": [True, False],
+               "with_hiredis": [True, False], "with_liburing": [True, False]}
+    default_options = {"with_numa": False, "with_xxhash": True, "with_hiredis": False, "with_liburing": False}
     exports_sources = "include/*", "cmake/*", "CMakeLists.txt", "LICENSE"
     no_copy_source = True
 
     def layout(self):
         basic_layout(self, src_folder=".")
 
+    def config_options(self):
+        if self.settings.os != "Linux":
+            del self.options.with_liburing
+
     def requirements(self):
         self.requires("openssl/[>=3 <4]")
         if self.options.with_xxhash:
             self.requires("xxhash/[>=0.8 <0.9]")
+        if self.options.with_hiredis:
+            self.requires("hiredis/[>=1.0 <2]")
+        if self.options.get_safe("with_liburing"):
+            self.requires("liburing/[>=2.0 <3]")
 
     def package_id(self):
         self.info.clear()
@@ -42,18 +52,42 @@ class KvortexConan(ConanFile):
              os.path.join(self.package_folder, "include"))
 
     def package_info(self):
+        # Targets as in the installed CMake package: kvortex::kvortex is the core, each optional
+        # part a component kvortex::<part> on top of it. The package-wide target (all components)
+        # gets another name so that it does not hide the core.
         self.cpp_info.bindirs = []
         self.cpp_info.libdirs = []
         self.cpp_info.set_property("cmake_file_name", "kvortex")
-        self.cpp_info.set_property("cmake_target_name", "kvortex::kvortex")
-        self.cpp_info.set_property("pkg_config_name", "kvortex")
-        self.cpp_info.requires = ["openssl::crypto"]
+        self.cpp_info.set_property("cmake_target_name", "kvortex::kvortex_all_components")
+        self.cpp_info.set_property("pkg_config_name", "kvortex-all-components")
+
+        def part(name, target, pc_name):
+            c = self.cpp_info.components[name]
+            c.bindirs = []
+            c.libdirs = []
+            c.set_property("cmake_target_name", target)
+            c.set_property("pkg_config_name", pc_name)
+            if name != "core":
+                c.requires = ["core"]
+            return c
+
+        core = part("core", "kvortex::kvortex", "kvortex")
+        core.requires = ["openssl::crypto"]
         if self.settings.os in ("Linux", "FreeBSD"):
-            self.cpp_info.system_libs = ["pthread"]
-        if self.options.with_numa:
-            # libnuma comes from the system (Debian: libnuma-dev).
-            self.cpp_info.system_libs.append("numa")
-            self.cpp_info.defines.append("KVORTEX_WITH_NUMA=1")
+            core.system_libs = ["pthread"]
         if self.options.with_xxhash:
-            self.cpp_info.requires.append("xxhash::xxhash")
-            self.cpp_info.defines.append("KVORTEX_WITH_XXHASH=1")
+            xxh = part("xxhash", "kvortex::xxhash", "kvortex-xxhash")
+            xxh.requires.append("xxhash::xxhash")
+            xxh.defines = ["KVORTEX_WITH_XXHASH=1"]
+        if self.options.with_numa:
+            numa = part("numa", "kvortex::numa", "kvortex-numa")
+            numa.system_libs = ["numa"]  # libnuma comes from the system (Debian: libnuma-dev)
+            numa.defines = ["KVORTEX_WITH_NUMA=1"]
+        for option, name, dep, define in (("with_liburing", "uring", "liburing::liburing", "KVORTEX_WITH_LIBURING=1"),
+                                          ("with_hiredis", "redis", "hiredis::hiredis", "KVORTEX_WITH_HIREDIS=1")):
+            if self.options.get_safe(option):
+                c = part(name, "kvortex::" + name, "kvortex-" + name)
+                c.requires.append(dep)
+                if self.options.with_xxhash:
+                    c.requires.append("xxhash")
+                c.defines = [define]

@@ -141,8 +141,11 @@ TEST_CASE("store and retrieve reject a layout or block table that does not fit, 
   check_error(e.store(other, c.layout(), short_table).error(), errc::size_mismatch, "block table entries");
   const std::vector<std::int32_t> out_of_range{0, 1, 8, 2};
   check_error(e.store(other, c.layout(), out_of_range).error(), errc::invalid_argument, "block_table[2] = 8");
-  const std::vector<std::int32_t> negative{0, -1, 2, 3};
-  check_error(e.retrieve(toks, c.layout(), negative).error(), errc::invalid_argument, "block_table[1] = -1");
+  // -1 is kv_layout::skip_block, which only a retrieve accepts; other negatives never.
+  const std::vector<std::int32_t> skip{0, kv_layout::skip_block, 2, 3};
+  check_error(e.store(other, c.layout(), skip).error(), errc::invalid_argument, "block_table[1] = -1");
+  const std::vector<std::int32_t> negative{0, -2, 2, 3};
+  check_error(e.retrieve(toks, c.layout(), negative).error(), errc::invalid_argument, "block_table[1] = -2");
 
   auto dev = c.layout();
   dev.on_device();
