@@ -193,12 +193,10 @@ class lookup_client {
       return;
     }
     std::size_t at = 0;
-    while (s.in.size() - at >= sizeof(detail::lookup_reply)) {
-      detail::lookup_reply r;
-      std::memcpy(&r, s.in.data() + at, sizeof r);
+    while (auto parsed = detail::parse_reply(std::span<const std::byte>(s.in).subspan(at))) {
+      const auto& r = parsed->reply;
       at += sizeof r;
-      if (r.magic != detail::lookup_reply_magic || r.version != detail::lookup_wire_version || s.waiting.empty() ||
-          s.waiting.front() != r.id) {
+      if (!parsed->ok || s.waiting.empty() || s.waiting.front() != r.id) {
         lose(s, i);  // out of step: nothing it says can be matched any more
         return;
       }

@@ -234,22 +234,20 @@ class lookup_server {
 
     bool answer(client& c) {
       std::size_t at = 0;
-      while (c.in.size() - at >= sizeof(detail::lookup_query_header)) {
-        detail::lookup_query_header h;
-        std::memcpy(&h, c.in.data() + at, sizeof h);
-        if (h.magic != detail::lookup_query_magic || h.version != detail::lookup_wire_version ||
-            h.salt_bytes > cfg.max_salt_bytes || h.tokens > cfg.max_tokens || h.tokens == 0) {
+      for (;;) {
+        detail::parsed_query q;
+        const auto st = detail::parse_query(std::span<const std::byte>(c.in).subspan(at), cfg.max_tokens,
+                                            cfg.max_salt_bytes, q);
+        if (st == detail::frame_status::incomplete) break;
+        if (st == detail::frame_status::malformed) {
           rejected.fetch_add(1, std::memory_order_relaxed);
           return false;
         }
-        const std::size_t total = sizeof h + h.salt_bytes + std::size_t{h.tokens} * sizeof(token_id);
-        if (c.in.size() - at < total) break;
-        const std::byte* p = c.in.data() + at + sizeof h;
-        std::vector<token_id> tokens(h.tokens);
-        std::memcpy(tokens.data(), p + h.salt_bytes, tokens.size() * sizeof(token_id));
-        auto hit = fn(tokens, key_salt(p, h.salt_bytes));
+        std::vector<token_id> tokens(q.count);
+        std::memcpy(tokens.data(), q.tokens.data(), q.tokens.size());
+        auto hit = fn(tokens, q.salt);
         queries.fetch_add(1, std::memory_order_relaxed);
-        detail::lookup_reply rep{detail::lookup_reply_magic, detail::lookup_wire_version, 0, h.id, 0};
+        detail::lookup_reply rep{detail::lookup_reply_magic, detail::lookup_wire_version, 0, q.id, 0};
         if (hit) {
           rep.tokens = *hit;
         } else {
@@ -258,7 +256,7 @@ class lookup_server {
         }
         // A client that does not read its replies is dropped, never waited for.
         if (!detail::send_all(c.fd.get(), std::as_bytes(std::span(&rep, 1)), 0)) return false;
-        at += total;
+        at += q.size;
       }
       c.in.erase(c.in.begin(), c.in.begin() + static_cast<std::ptrdiff_t>(at));
       return true;

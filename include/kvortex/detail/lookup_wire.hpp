@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -45,6 +46,53 @@ struct lookup_reply {
   std::uint64_t tokens;
 };
 static_assert(sizeof(lookup_reply) == 24);
+
+/// What `parse_query` found at the start of a buffer.
+enum class frame_status : std::uint8_t { complete, incomplete, malformed };
+
+/// A complete query, pointing into the buffer it was parsed from.
+struct parsed_query {
+  std::uint64_t id{0};
+  std::span<const std::byte> salt;
+  std::span<const std::byte> tokens;  ///< `count` token ids, unaligned: copy them out
+  std::size_t count{0};
+  std::size_t size{0};  ///< bytes of the whole frame
+};
+
+/// Parses the first query in `in`. `malformed`: a wrong magic or version, no tokens, or more
+/// tokens or salt than the limits allow (the connection is then closed); `incomplete`: the frame
+/// is well formed so far but not all of it has arrived. Reads nothing beyond `in`.
+inline frame_status parse_query(std::span<const std::byte> in, std::size_t max_tokens, std::size_t max_salt_bytes,
+                                parsed_query& out) noexcept {
+  if (in.size() < sizeof(lookup_query_header)) return frame_status::incomplete;
+  lookup_query_header h;
+  std::memcpy(&h, in.data(), sizeof h);
+  if (h.magic != lookup_query_magic || h.version != lookup_wire_version || h.tokens == 0 || h.tokens > max_tokens ||
+      h.salt_bytes > max_salt_bytes)
+    return frame_status::malformed;
+  const std::size_t total = sizeof h + std::size_t{h.salt_bytes} + std::size_t{h.tokens} * sizeof(token_id);
+  if (in.size() < total) return frame_status::incomplete;
+  out.id = h.id;
+  out.salt = in.subspan(sizeof h, h.salt_bytes);
+  out.tokens = in.subspan(sizeof h + h.salt_bytes, std::size_t{h.tokens} * sizeof(token_id));
+  out.count = h.tokens;
+  out.size = total;
+  return frame_status::complete;
+}
+
+/// Parses the first reply in `in` (nullopt until 24 bytes arrived); a wrong magic or version is
+/// `malformed` through `ok == false`.
+struct parsed_reply {
+  bool ok{false};
+  lookup_reply reply{};
+};
+inline std::optional<parsed_reply> parse_reply(std::span<const std::byte> in) noexcept {
+  if (in.size() < sizeof(lookup_reply)) return std::nullopt;
+  parsed_reply r;
+  std::memcpy(&r.reply, in.data(), sizeof r.reply);
+  r.ok = r.reply.magic == lookup_reply_magic && r.reply.version == lookup_wire_version;
+  return r;
+}
 
 inline result<sockaddr_un> unix_address(const std::string& path) {
   sockaddr_un a{};
