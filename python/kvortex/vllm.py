@@ -126,7 +126,7 @@ OPTIONS: dict[str, Any] = {
     "chunk_tokens": 256,        # tokens per stored chunk; a multiple of vLLM's block size
     "disk": None,               # disk tier settings, e.g. {"directory": "/var/cache/kvortex", "capacity_bytes": "256GiB"}
     "redis": None,              # Redis tier settings, e.g. {"servers": "10.0.0.5:6379", "password": "..."}
-    "tiering": None,            # tiering settings (write_policy, promotion_timeout_ms, ...)
+    "tiering": None,            # tiering settings (write, promotion_timeout_ms, ...)
     "engine": None,             # any other KVortex engine setting (kvortex/deployment_config.hpp)
     "stack": "auto",            # "auto" (gpu for CUDA caches), "gpu" or "host"
     "layout": "auto",           # "auto", "flash_attn", "flashinfer" or "mla": the paged cache's shape
