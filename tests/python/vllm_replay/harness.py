@@ -438,21 +438,45 @@ class Worker:
     model that writes and checks KV."""
 
     def __init__(self, connector, requests: dict, rank: int, layers: int, heads: int, dim: int, num_blocks: int,
-                 block_size: int, cross_layer: bool = False):
+                 block_size: int, cross_layer: bool = False, device: str = "numpy"):
         self.connector, self.requests, self.rank = connector, requests, rank
         self.layers, self.heads, self.dim, self.block_size = layers, heads, dim, block_size
         self.names = [f"model.layers.{i}.self_attn.attn" for i in range(layers)]
+        self.device = device
+        if device == "numpy":
+            zeros = lambda shape: np.zeros(shape, dtype=np.uint16)  # noqa: E731
+        else:  # PyTorch tensors on a GPU: int16 holds the same 16-bit patterns
+            import torch
+
+            zeros = lambda shape: torch.zeros(shape, dtype=torch.int16, device=device)  # noqa: E731
         if cross_layer:
-            self.cross = np.zeros((num_blocks, layers, 2, block_size, heads, dim), dtype=np.uint16)
-            self.kv = [self.cross[:, i].transpose(1, 0, 2, 3, 4) for i in range(layers)]
+            self.cross = zeros((num_blocks, layers, 2, block_size, heads, dim))
+            if device == "numpy":
+                self.kv = [self.cross[:, i].transpose(1, 0, 2, 3, 4) for i in range(layers)]
+            else:
+                self.kv = [self.cross[:, i].permute(1, 0, 2, 3, 4) for i in range(layers)]
             connector.register_cross_layers_kv_cache(self.cross, None)
         else:
-            self.kv = [np.zeros((2, num_blocks, block_size, heads, dim), dtype=np.uint16) for _ in range(layers)]
+            self.kv = [zeros((2, num_blocks, block_size, heads, dim)) for _ in range(layers)]
             connector.register_kv_caches(dict(zip(self.names, self.kv)))
         self.blocks: dict[str, list[int]] = {}
         self.hashes: dict[str, np.ndarray] = {}
         self.step_mismatches: collections.Counter = collections.Counter()
         self.computed_tokens = 0
+
+    def _dev(self, a: np.ndarray):
+        if self.device == "numpy":
+            return a
+        import torch
+
+        return torch.from_numpy(a.view(np.int16)).to(self.device)
+
+    def _index(self, a: np.ndarray):
+        if self.device == "numpy":
+            return a
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(a).astype(np.int64)).to(self.device)
 
     def _positions(self, req_id: str, first: int, count: int):
         blocks = self.blocks[req_id]
@@ -499,7 +523,8 @@ class Worker:
                 req = self.requests[rid]
                 first = starts[rid]
                 b, s, pos = self._positions(rid, first, n)
-                kv = expected_kv(self._hashes(req, first + n)[pos], layer, self.rank, self.heads, self.dim)
+                kv = self._dev(expected_kv(self._hashes(req, first + n)[pos], layer, self.rank, self.heads, self.dim))
+                b, s = self._index(b), self._index(s)
                 self.kv[layer][0][b, s] = kv[:, 0]
                 self.kv[layer][1][b, s] = kv[:, 1]
             c.wait_for_layer_load(name)
@@ -509,9 +534,11 @@ class Worker:
                 if first == 0:
                     continue
                 b, s, pos = self._positions(rid, 0, first)
-                want = expected_kv(self._hashes(req, first)[pos], layer, self.rank, self.heads, self.dim)
-                got = np.stack([self.kv[layer][0][b, s], self.kv[layer][1][b, s]], axis=1)
-                self.step_mismatches[rid] += int(np.count_nonzero(got != want))
+                want = self._dev(expected_kv(self._hashes(req, first)[pos], layer, self.rank, self.heads, self.dim))
+                b, s = self._index(b), self._index(s)
+                k, v = self.kv[layer][0][b, s], self.kv[layer][1][b, s]
+                bad = (k != want[:, 0]).sum() + (v != want[:, 1]).sum()
+                self.step_mismatches[rid] += int(bad)
             c.save_kv_layer(name, self.kv[layer], md[name])
         self.computed_tokens += so.total_num_scheduled_tokens
         return self._finish(so, wait_for_save=True)
@@ -547,6 +574,7 @@ class Replay:
     prefix_caching: bool = True
     cross_layer: bool = False
     socket_dir: str | None = None
+    device: str = "numpy"  # or a PyTorch CUDA device, e.g. "cuda:0"
 
     def __post_init__(self):
         from kvortex.vllm import KVConnectorRole, KVortexConnector
@@ -562,7 +590,8 @@ class Replay:
         self.kv = BlockManager(self.num_blocks, self.block_size, self.prefix_caching)
         self.scheduler = Scheduler(self.sched_conn, self.kv, self.tp, self.token_budget, self.threshold)
         self.workers = [Worker(KVortexConnector(cfg(r), KVConnectorRole.WORKER, kvc), self.scheduler.requests, r,
-                               self.layers, self.heads, self.dim, self.num_blocks, self.block_size, self.cross_layer)
+                               self.layers, self.heads, self.dim, self.num_blocks, self.block_size, self.cross_layer,
+                               self.device)
                         for r in range(self.tp)]
         self.steps = 0
         self.bad_bytes: collections.Counter = collections.Counter()
