@@ -115,13 +115,28 @@ inline void* create_string(const redisReadTask* task, char* str, std::size_t len
   }
 }
 
+/// @brief The most array elements one reply may declare, nested arrays included. A header is a
+/// few bytes while its elements are allocated at once, so a broken or hostile server could
+/// otherwise make a few bytes cost gigabytes; the largest real reply (CLUSTER SLOTS of a cluster
+/// with thousands of slot ranges) stays far below this.
+inline constexpr std::size_t max_reply_elements = std::size_t{1} << 20;
+
 template <class N>
 void* create_array(const redisReadTask* task, N elements) noexcept {
   try {
+    if (elements < 0) return nullptr;
+    const auto n = static_cast<std::size_t>(elements);
+    const redisReadTask* top = task;
+    while (top->parent != nullptr) top = top->parent;
+    auto* root = task->parent == nullptr ? nullptr : static_cast<resp_reply*>(top->obj);
+    const std::size_t used = root == nullptr ? 0 : root->reply_elements;
+    if ((task->parent != nullptr && root == nullptr) || n > max_reply_elements - used)
+      return nullptr;  // the reader fails the reply (out of memory) and the connection is dropped
     resp_reply* r = node_for(task);
     if (r == nullptr) return nullptr;
     r->type = resp_reply::kind::array;
-    r->elements.resize(static_cast<std::size_t>(elements));
+    r->elements.resize(n);
+    (root == nullptr ? r : root)->reply_elements = used + n;
     return r;
   } catch (...) {
     return nullptr;

@@ -120,6 +120,7 @@ struct resp_reply {
   record_error value_error{record_error::ok};
   std::string text;                 ///< status, error and string replies
   std::vector<resp_reply> elements; ///< array replies
+  std::size_t reply_elements{0};    ///< on a root: elements of every array in the reply so far
 
   /// @brief An error reply whose first word is `code` ("MOVED", "OOM", ...).
   [[nodiscard]] bool is_error(std::string_view code) const noexcept {
