@@ -260,3 +260,60 @@ def test_disk_tier_from_settings_serves_a_restarted_engine(tmp_path):
     with pytest.raises(kvortex.Error) as err:
         kvortex.Engine(settings(disk={**disk, "fsync": "sometimes"}))
     assert err.value.code == "invalid_config" and "fsync" in err.value.message
+
+
+def test_salts_scope_keys_and_skip_entries_leave_blocks_untouched():
+    with kvortex.Engine(settings()) as e:
+        prompt = tokens(4 * CHUNK, 11)
+        src = paged_cache(16, seed=5)
+        table = np.arange(8, dtype=np.int32)
+        assert e.store(prompt, kvortex.flash_attn_layout(src), table, salt=b"tenant-a").wait() == 4 * CHUNK
+        assert e.lookup(prompt) == 0
+        assert e.lookup(prompt, salt="tenant-a") == 4 * CHUNK  # str is its UTF-8 bytes
+        assert e.lookup(prompt, salt=b"tenant-b") == 0
+        assert e.chunk_keys(prompt, salt=b"tenant-a") != e.chunk_keys(prompt)
+        with pytest.raises(TypeError):
+            e.lookup(prompt, salt=5)
+        # -1 entries: blocks the destination already holds are not written.
+        dst = paged_cache(16)
+        for c in dst:
+            c[...] = 7.0
+        dst_table = np.array([-1, -1, -1, 3, 4, 5, 6, 7], dtype=np.int32)
+        assert e.retrieve(prompt, kvortex.flash_attn_layout(dst), dst_table, salt=b"tenant-a").wait() == 4 * CHUNK
+        for layer in range(LAYERS):
+            assert np.all(dst[layer][:, 0:3] == 7.0)
+            np.testing.assert_array_equal(dst[layer][:, 3:8], src[layer][:, 3:8])
+        with pytest.raises(kvortex.Error) as err:
+            e.retrieve(prompt, kvortex.flash_attn_layout(dst), np.array([-2, 1, 2, 3, 4, 5, 6, 7], dtype=np.int32))
+        assert err.value.code == "invalid_argument"
+
+
+def test_lookups_served_over_a_socket_reach_the_minimum_over_engines(tmp_path):
+    prompt = tokens(4 * CHUNK, 12)
+    src = paged_cache(16, seed=6)
+    with kvortex.Engine(settings()) as e0, kvortex.Engine(settings()) as e1:
+        lay = kvortex.flash_attn_layout(src)
+        assert e0.store(prompt, lay, np.arange(8, dtype=np.int32)).wait() == 4 * CHUNK
+        assert e1.store(prompt[: 2 * CHUNK], lay, np.arange(4, dtype=np.int32)).wait() == 2 * CHUNK
+        p0, p1 = str(tmp_path / "r0.sock"), str(tmp_path / "r1.sock")
+        e0.serve_lookups(p0)
+        e1.serve_lookups(p1)
+        with pytest.raises(kvortex.Error, match="in use"):
+            e1.serve_lookups(p0)
+        client = kvortex.LookupClient([p0, p1])
+        q = client.send(prompt)
+        got = None
+        for _ in range(200):
+            got = client.poll(q, 10000)
+            if got is not None:
+                break
+        assert got == 2 * CHUNK
+        assert client.stats()["answers"] == 2
+        assert e0.lookup_server_stats()[0]["queries"] == 1
+        with pytest.raises(kvortex.Error) as err:
+            client.poll(q)
+        assert err.value.code == "not_found"
+    # Engines shut down: their sockets are gone, and a query counts them as 0 at once.
+    assert not (tmp_path / "r0.sock").exists()
+    q = client.send(prompt)
+    assert client.poll(q, 100000) == 0
