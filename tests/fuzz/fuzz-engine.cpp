@@ -156,21 +156,31 @@ std::optional<std::size_t> block_of(const cache& c, std::span<const std::int32_t
   return static_cast<std::size_t>(table[logical]);
 }
 
-// kv_layout::check_table's contract.
-bool table_ok(const cache& c, std::span<const std::int32_t> table, std::size_t tokens) {
+// kv_layout::check_table's contract; a retrieve's table (`skips`) may hold kv_layout::skip_block.
+bool table_ok(const cache& c, std::span<const std::int32_t> table, std::size_t tokens, bool skips = false) {
   const std::size_t need = (tokens + c.block_tokens() - 1) / c.block_tokens();
   if (table.empty()) return need <= c.blocks();
   if (table.size() < need) return false;
-  for (std::size_t i = 0; i < need; ++i)
+  for (std::size_t i = 0; i < need; ++i) {
+    if (skips && table[i] == kvortex::kv_layout::skip_block) continue;
     if (table[i] < 0 || static_cast<std::size_t>(table[i]) >= c.blocks()) return false;
+  }
   return true;
+}
+
+// Whether a retrieve leaves position `pos` alone (its table entry is skip_block).
+bool skipped(std::span<const std::int32_t> table, std::size_t pos, std::size_t block_tokens) {
+  const std::size_t logical = pos / block_tokens;
+  return logical < table.size() && table[logical] == kvortex::kv_layout::skip_block;
 }
 
 // Whether two of the table entries for the first `tokens` tokens name the same block.
 bool has_duplicate(const cache& c, std::span<const std::int32_t> table, std::size_t tokens) {
   if (table.empty()) return false;
   const std::size_t need = std::min(table.size(), (tokens + c.block_tokens() - 1) / c.block_tokens());
-  std::vector<std::int32_t> used(table.begin(), table.begin() + static_cast<std::ptrdiff_t>(need));
+  std::vector<std::int32_t> used;
+  for (std::size_t i = 0; i < need; ++i)
+    if (table[i] != kvortex::kv_layout::skip_block) used.push_back(table[i]);  // names no block
   std::sort(used.begin(), used.end());
   return std::adjacent_find(used.begin(), used.end()) != used.end();
 }
@@ -380,6 +390,9 @@ class harness {
     std::vector<std::int32_t> t(perm.begin(), perm.begin() + static_cast<std::ptrdiff_t>(std::min(need, blocks)));
     switch (mode) {
       case 0: case 13: return {};  // identity
+      case 11:  // leading blocks the destination already holds (a retrieve skips them; a store refuses)
+        for (std::size_t i = 0, k = in_.below(t.size() + 1); i < k; ++i) t[i] = kvortex::kv_layout::skip_block;
+        break;
       case 12:  // a duplicate
         if (t.size() >= 2) t[in_.below(t.size())] = t[in_.below(t.size())];
         break;
@@ -488,6 +501,7 @@ class harness {
     };
     const auto keys = chain != nullptr ? *chain : n > 0 ? keys_of(tokens) : std::vector<chunk_key>{};
     for (std::size_t pos = 0; pos < n; ++pos) {
+      if (skipped(table, pos, c.block_tokens())) continue;  // not written: keeps its sentinel
       const auto block = block_of(c, table, pos);
       KVFUZZ_CHECK(block.has_value(), std::string(what) + " copied a token its table does not address");
       const auto& key = keys[pos / cfg_.chunk_tokens];
@@ -664,7 +678,7 @@ class harness {
     bool shared_memory;   // duplicate blocks among the entries, or overlapping layers
   };
   retrieve_case classify_retrieve(const cache& c, std::span<const token_id> tokens, std::span<const std::int32_t> table) {
-    return {!tokens.empty() && table_ok(c, table, tokens.size()),
+    return {!tokens.empty() && table_ok(c, table, tokens.size(), /*skips=*/true),
             c.aliased || has_duplicate(c, table, tokens.size())};
   }
 
