@@ -131,14 +131,13 @@ OPTIONS: dict[str, Any] = {
     "stack": "auto",            # "auto" (gpu for CUDA caches), "gpu" or "host"
     "layout": "auto",           # "auto", "flash_attn", "flashinfer" or "mla": the paged cache's shape
     "load_mode": "sync",        # "sync": layer-wise within the step; "async": between steps
-    "async_save": True,         # stores finish in the background; blocks are held until they do
     "cross_layer": False,       # ask vLLM for one cross-layer cache tensor (prefer_cross_layer_blocks)
     "socket_dir": None,         # where the workers' lookup sockets live (default $XDG_RUNTIME_DIR or the temp dir)
     "lookup_wait_us": 300,      # how long one get_num_new_matched_tokens call waits for the ranks' answers
     "lookup_timeout_ms": 50,    # after this a lookup counts as a miss
     "min_hit_tokens": 0,        # hits shorter than this (beyond vLLM's own prefix cache) are ignored
 }
-_SET_BY_CONNECTOR = ("geometry", "block_tokens", "ns")
+_SET_BY_CONNECTOR = ("geometry", "block_tokens", "ns", "chunk_tokens", "store_partial_chunks")
 
 
 class ConfigError(ValueError):
@@ -164,7 +163,7 @@ def parse_options(extra: Mapping[str, Any] | None) -> dict[str, Any]:
         v = opts[key]
         if not isinstance(v, int) or isinstance(v, bool) or v < 0 or (key == "chunk_tokens" and v == 0):
             raise ConfigError(f"kv_connector_extra_config: '{key}' is {v!r}, expected a {'positive' if key == 'chunk_tokens' else 'non-negative'} integer")
-    for key in ("async_save", "cross_layer"):
+    for key in ("cross_layer",):
         if not isinstance(opts[key], bool):
             raise ConfigError(f"kv_connector_extra_config: '{key}' is {opts[key]!r}, expected true or false")
     for key in ("disk", "redis", "tiering", "engine"):
@@ -228,9 +227,12 @@ class LoadSpec:
 
 @dataclass
 class StoreSpec:
-    """Store the chunks of ``tokens`` (now computed) from blocks ``block_ids``."""
+    """Store the chunks of ``tokens`` (computed in step ``step``) from blocks ``block_ids``. The
+    chunks stay unreadable until the scheduler commits the store: only it knows whether any rank
+    reported a failed load in that step, which would make the KV computed over it wrong."""
 
     req_id: str
+    step: int
     tokens: bytes
     salt: bytes
     block_ids: list[int]
@@ -238,8 +240,11 @@ class StoreSpec:
 
 @dataclass
 class KVortexConnectorMetadata(KVConnectorMetadata):
+    step: int = 0
     loads: list[LoadSpec] = field(default_factory=list)
     stores: list[StoreSpec] = field(default_factory=list)
+    commits: list[tuple[int, str]] = field(default_factory=list)  # (step, request): make readable
+    drops: list[tuple[int, str]] = field(default_factory=list)    # (step, request): roll back
     delayed_free: list[str] = field(default_factory=list)  # requests whose blocks the scheduler holds for our stores
 
 
@@ -290,7 +295,9 @@ class _Request:
     local_tokens: int = 0          # vLLM's own prefix-cache hit, as passed to get_num_new_matched_tokens
     load_end: int = 0              # end of the KVortex hit this request was promised
     stored_upto: int = 0           # tokens whose store has been issued
-    stores_issued: bool = False
+    pending: dict = field(default_factory=dict)  # step -> blocks of a store not yet committed or dropped
+    stores_issued: bool = False    # a store was committed: the worker may still be copying
+    load_failed: bool = False      # a load into its blocks failed: no more external hits for it
 
 
 @dataclass
@@ -312,6 +319,9 @@ class KVortexConnector(KVConnectorBase_V1):
             raise ConfigError(f"kv_connector_extra_config: chunk_tokens {self._chunk} is not a multiple of vLLM's "
                               f"block size {self._block_size}")
         pc = getattr(vllm_config, "parallel_config", None)
+        for cp in ("decode_context_parallel_size", "prefill_context_parallel_size"):
+            if int(getattr(pc, cp, 1) or 1) > 1:
+                raise ConfigError(f"KVortexConnector: {cp} > 1 is not supported (it scales the scheduler's block size)")
         self._dp_rank = int(getattr(pc, "data_parallel_rank", 0) or 0)
         self._engine_id = str(getattr(ktc, "engine_id", None) or "kvortex")
         self._tp_rank, self._tp_size, self._pp_rank, self._pp_size = _ranks(vllm_config)
@@ -323,6 +333,14 @@ class KVortexConnector(KVConnectorBase_V1):
         self._to_load: dict[str, LoadSpec] = {}
         self._delayed: list[str] = []
         self._refused: set[str] = set()
+        self._async_loading: set[str] = set()
+        self._step = 0
+        # A step's outcome (its failed loads) is known this many schedule() calls later: one, plus
+        # one with asynchronous scheduling, plus the pipeline stages in flight.
+        self._depth = 2 + max(0, self._pp_size - 1)
+        self._invalid: list[tuple[int, set[int]]] = []  # (step seen, blocks that failed to load)
+        self._commits: list[tuple[int, str]] = []
+        self._drops: list[tuple[int, str]] = []
         self.lookup_timeouts = 0
         # worker side
         self._engine: kvortex.Engine | None = None
@@ -334,9 +352,11 @@ class KVortexConnector(KVConnectorBase_V1):
         self._load_events: list[Any] = []
         self._loads_waited = True
         self._async_loads: dict[str, list] = {}
-        self._open_stores: list[tuple[StoreSpec, Any, set]] = []
-        self._events: list[Any] = []
-        self._inflight: dict[str, list] = {}
+        self._step_stores: list = []       # stores opened in this step
+        self._step_opened = False
+        self._open: dict[tuple[int, str], tuple] = {}
+        self._inflight: dict[str, list] = {}  # request -> [(ticket, events)] of committed stores
+        self._load_event, self._load_event_keep = 0, []
         self._delayed_seen: set[str] = set()
         self._finished_seen: set[str] = set()
         self._load_errors: set[int] = set()
@@ -378,8 +398,8 @@ class KVortexConnector(KVConnectorBase_V1):
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         rs = self._request(request)
-        if rs is None:
-            return 0, False
+        if rs is None or rs.load_failed or getattr(request, "skip_reading_prefix_cache", False):
+            return 0, False  # (prompt logprobs need every position computed)
         total = int(request.num_tokens)
         limit = (total - 1) // self._block_size * self._block_size  # the last token is always computed
         if limit < self._chunk or limit <= num_computed_tokens:
@@ -387,7 +407,7 @@ class KVortexConnector(KVConnectorBase_V1):
         hit = self._hit(request.request_id, request.all_token_ids, limit, rs.salt)
         if hit is None:
             return None, False
-        end = min(hit, limit)
+        end = min(hit, limit) // self._block_size * self._block_size
         ext = end - num_computed_tokens
         if ext <= 0 or ext < self._opts["min_hit_tokens"]:
             return 0, False
@@ -431,7 +451,18 @@ class KVortexConnector(KVConnectorBase_V1):
             end_block=end // self._block_size, is_async=self._opts["load_mode"] == "async")
 
     def build_connector_meta(self, scheduler_output: Any) -> KVortexConnectorMetadata:
-        meta = KVortexConnectorMetadata()
+        self._step += 1
+        meta = KVortexConnectorMetadata(step=self._step)
+        self._hits.clear()  # a hit counts for the step it was found in only
+        for req_id in getattr(scheduler_output, "preempted_req_ids", None) or ():
+            rs = self._reqs.get(req_id)
+            if rs is not None:  # its blocks are free now: the worker rolls its open stores back
+                for step in list(rs.pending):
+                    self._drops.append((step, req_id))
+                rs.pending.clear()
+                rs.stored_upto = 0  # stored again once recomputed (present chunks are skipped)
+                rs.stores_issued = False  # handle_preemptions waited for the committed ones
+        self._resolve()
         for new in scheduler_output.scheduled_new_reqs:
             rs = self._reqs.get(new.req_id)
             if rs is not None:
@@ -450,9 +481,27 @@ class KVortexConnector(KVConnectorBase_V1):
                 rs.block_ids.extend(new_ids[0])
             self._add_store(meta, req_id, rs, cached.num_computed_tokens[i], scheduler_output)
         meta.loads = list(self._to_load.values())
+        self._async_loading.update(spec.req_id for spec in meta.loads if spec.is_async)
         self._to_load.clear()
+        meta.commits, self._commits = self._commits, []
+        meta.drops, self._drops = self._drops, []
         meta.delayed_free, self._delayed = self._delayed, []
         return meta
+
+    def _resolve(self) -> None:
+        """Commits the stores of steps whose outcome is known, unless a block they read failed to
+        load since (then they are dropped and stored again after vLLM recomputes)."""
+        known = self._step - self._depth
+        self._invalid = [(st, b) for st, b in self._invalid if st > known - self._depth]
+        for req_id, rs in self._reqs.items():
+            for step in [st for st in rs.pending if st <= known]:
+                blocks = rs.pending.pop(step)
+                if any(seen >= step and blocks & bad for seen, bad in self._invalid):
+                    self._drops.append((step, req_id))
+                    rs.stored_upto = 0
+                else:
+                    self._commits.append((step, req_id))
+                    rs.stores_issued = True
 
     def _add_store(self, meta: KVortexConnectorMetadata, req_id: str, rs: _Request, computed: int, so: Any) -> None:
         done = int(computed) + int(so.num_scheduled_tokens.get(req_id, 0))
@@ -462,19 +511,22 @@ class KVortexConnector(KVConnectorBase_V1):
         nblocks = upto // self._block_size
         if len(rs.block_ids) < nblocks:
             return  # not all of its blocks are known here (cannot happen for a scheduled request)
-        meta.stores.append(StoreSpec(req_id, rs.tokens[:upto].tobytes(), rs.salt, rs.block_ids[:nblocks]))
+        meta.stores.append(StoreSpec(req_id, self._step, rs.tokens[:upto].tobytes(), rs.salt, rs.block_ids[:nblocks]))
         rs.stored_upto = upto
-        rs.stores_issued = True
+        rs.pending[self._step] = set(rs.block_ids[:nblocks])
 
     def update_connector_output(self, connector_output: Any) -> None:
         # Blocks that failed to load are recomputed by vLLM: their chunks must be stored again.
+        self._async_loading.difference_update(getattr(connector_output, "finished_recving", None) or ())
         invalid = set(getattr(connector_output, "invalid_block_ids", None) or ())
         if not invalid:
             return
+        self._invalid.append((self._step, invalid))
         for rs in self._reqs.values():
             for i, b in enumerate(rs.block_ids):
                 if b in invalid:
                     rs.stored_upto = min(rs.stored_upto, i * self._block_size // self._chunk * self._chunk)
+                    rs.load_failed = True  # asking again would find the same unloadable chunks
                     break
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -486,7 +538,23 @@ class KVortexConnector(KVConnectorBase_V1):
         pending = self._lookups.pop(req_id, None)
         if pending is not None and self._client is not None:
             self._client.cancel(pending.query)
-        if rs is not None and rs.stores_issued and self._opts["async_save"]:
+        if rs is None:
+            return False, None
+        # A request that finished normally got its token from every step it ran: none of its
+        # open stores read a failed load, so they are committed. An aborted one may have a step
+        # in flight: its open stores are dropped.
+        aborted = "ABORT" in str(getattr(getattr(request, "status", None), "name", getattr(request, "status", "")))
+        for step in list(rs.pending):
+            (self._drops if aborted else self._commits).append((step, req_id))
+            if not aborted:
+                rs.stores_issued = True
+        holds = bool(rs.pending) or rs.stores_issued
+        rs.pending.clear()
+        # Aborted while its asynchronous load runs: vLLM holds the blocks until finished_recving.
+        waiting_for_load = req_id in self._async_loading
+        self._async_loading.discard(req_id)
+        if holds and not waiting_for_load:
+            # The worker reports it in finished_sending once its stores are done (or dropped).
             self._delayed.append(req_id)
             return True, None
         return False, None
@@ -506,7 +574,9 @@ class KVortexConnector(KVConnectorBase_V1):
             "chunk_tokens": self._chunk,
             "block_tokens": block_tokens,
             "geometry": geometry,
-            "ns": {"model_id": str(getattr(mc, "model", "") or "unknown"), "dtype": dtype.replace("torch.", ""),
+            "ns": {"model_id": "|".join(str(x) for x in (getattr(mc, "model", "") or "unknown", getattr(mc, "revision", None) or "",
+                                                           getattr(mc, "quantization", None) or "") ),
+                   "dtype": dtype.replace("torch.", ""),
                    "tp_rank": self._tp_rank, "tp_size": self._tp_size},
         }
         if self._pp_size > 1:
@@ -542,6 +612,8 @@ class KVortexConnector(KVConnectorBase_V1):
             self._side_stream = torch.cuda.Stream()
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        if not kv_caches:
+            raise ConfigError("register_kv_caches: no KV cache tensors")
         ordered = self._ordered_layers(kv_caches)
         unique: list[Any] = []
         index_of_ptr: dict[int, int] = {}
@@ -581,6 +653,18 @@ class KVortexConnector(KVConnectorBase_V1):
             raise ConfigError(f"register_cross_layers_kv_cache: shape {list(info.shape)}: only the "
                               "[num_blocks, num_layers, 2, block_size, kv_heads, head_size] (NHD) tensor is supported; "
                               "leave cross_layer off for this backend")
+        order = None
+        if attn_backend is not None and hasattr(attn_backend, "get_kv_cache_stride_order"):
+            try:
+                order = tuple(attn_backend.get_kv_cache_stride_order(include_num_layers_dimension=True))
+            except TypeError:
+                order = None
+        # The [blocks, layers, 2, block, heads, dim] tensors: FlashAttention and FlashInfer in NHD.
+        if (order is not None and order not in ((2, 0, 1, 3, 4, 5), (1, 0, 2, 3, 4, 5))) or info.shape[2] != 2 \
+                or info.shape[3] != self._block_size:
+            raise ConfigError(f"register_cross_layers_kv_cache: shape {list(info.shape)} (stride order {order}) is not "
+                              "[num_blocks, num_layers, 2, block_size, kv_heads, head_size]; leave cross_layer off "
+                              "for this backend or layout (HND, MLA)")
         layout = kvortex.cross_layer_layout(kv_cache, blocks_outermost=True)
         nb, layers, planes, bt, heads, dim = info.shape
         self._geometry = {"num_layers": layers, "kv_planes": planes, "kv_heads": heads, "head_dim": dim,
@@ -613,9 +697,46 @@ class KVortexConnector(KVConnectorBase_V1):
             self._failed_now.update(bad)
             self.stats["load_failures"] += 1
 
+    # Stores: opened in save_kv_layer (each layer copied after its attention), held open (written,
+    # unreadable) until the scheduler's metadata commits or drops them, then finished in the
+    # background. Entries of _open: (step, request) -> (spec, layered transfer, tokens it covers,
+    # events its copies wait on).
+
+    def _drop_open(self, key: tuple[int, str]) -> None:
+        entry = self._open.pop(key, None)
+        if entry is not None:
+            del entry  # a dropped transfer rolls back, after the copies already submitted
+
+    def _commit_open(self, key: tuple[int, str]) -> None:
+        entry = self._open.pop(key, None)
+        if entry is None:
+            return
+        spec, lt, _covered, events = entry
+        try:
+            self._inflight.setdefault(spec.req_id, []).append((lt.finish(), events))
+            self.stats["stores"] += 1
+        except kvortex.Error as e:
+            self.stats["store_failures"] += 1
+            log.warning("kvortex: store of %s failed: %s", spec.req_id, e)
+
+    def _current_event(self) -> tuple[int, list]:
+        """An event on the current CUDA stream (0 and no event on the host stack)."""
+        if not self._device:
+            return 0, []
+        import torch
+
+        ev = torch.cuda.Event()
+        ev.record()
+        return ev.cuda_event, [ev]
+
     def handle_preemptions(self, preempted_req_ids: set[str]) -> None:
-        for req_id in preempted_req_ids or ():
-            for ticket in self._inflight.pop(req_id, []):
+        # Runs before the step's forward pass and before its metadata: the preempted requests'
+        # blocks are already free, so no copy may read them once this returns.
+        preempted = set(preempted_req_ids or ())
+        for key in [k for k in self._open if k[1] in preempted]:
+            self._drop_open(key)  # the scheduler drops these too
+        for req_id in preempted:
+            for ticket, _events in self._inflight.pop(req_id, []):
                 self._wait_store(ticket)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
@@ -623,14 +744,30 @@ class KVortexConnector(KVConnectorBase_V1):
         self._delayed_seen.update(meta.delayed_free)
         if self._engine is None:
             return
+        for key in meta.drops:
+            self._drop_open(tuple(key))
+        for key in meta.commits:
+            self._commit_open(tuple(key))
         self._loads = []
         self._failed_now = set()
+        # Copies into blocks start after the work already queued on the compute stream (with
+        # asynchronous scheduling, a step that still writes blocks vLLM has handed on).
+        self._load_event, self._load_event_keep = self._current_event()
         for spec in meta.loads:
             if spec.is_async:
                 self._start_async_load(spec)
             else:
                 self._start_sync_load(spec)
         self._loads_waited = not self._loads
+        mode = getattr(forward_context, "cudagraph_runtime_mode", None)
+        if self._device and self._load_events and "FULL" == getattr(mode, "name", str(mode)):
+            # A replayed full CUDA graph runs no per-layer hook: wait for every layer now.
+            import torch
+
+            stream = torch.cuda.current_stream()
+            for events in self._load_events:
+                stream.wait_event(events[-1])
+            self._loads_waited = True
 
     def _start_sync_load(self, spec: LoadSpec) -> None:
         tokens = array("i")
@@ -652,7 +789,7 @@ class KVortexConnector(KVConnectorBase_V1):
 
                 events = []
                 for layer in range(self._num_layers):
-                    lt.submit_layer(layer, stream=self._side_stream.cuda_stream)
+                    lt.submit_layer(layer, stream=self._side_stream.cuda_stream, event=self._load_event)
                     ev = torch.cuda.Event()
                     ev.record(self._side_stream)
                     events.append(ev)
@@ -685,7 +822,10 @@ class KVortexConnector(KVConnectorBase_V1):
                 try:
                     if prefetch is not None:
                         prefetch.wait()
-                    copy = self._engine.retrieve(tokens, self._layout, self._table(spec, len(tokens)), salt=spec.salt)
+                    event, keep = self._current_event()
+                    lt = self._engine.begin_retrieve(tokens, self._layout, self._table(spec, len(tokens)), salt=spec.salt)
+                    lt.submit_all(event=event)
+                    copy = (lt.finish(), lt.tokens, keep)
                 except kvortex.Error as e:
                     log.warning("kvortex: load of %s failed: %s", spec.req_id, e)
                     self._fail_blocks(spec, 0)
@@ -693,10 +833,11 @@ class KVortexConnector(KVConnectorBase_V1):
                     del self._async_loads[req_id]
                     continue
                 entry[3] = copy
-            if not copy.ready():
+            ticket, pinned, _keep = copy
+            if not ticket.ready():
                 continue
             try:
-                got = copy.wait()
+                got = min(ticket.wait(), pinned)
                 if got < end:
                     self._fail_blocks(spec, got)
                 self.stats["loads"] += 1
@@ -743,29 +884,22 @@ class KVortexConnector(KVConnectorBase_V1):
         idx = self._layer(layer_name)
         if idx is None:
             return
-        if not self._open_stores:
-            self._open_stores = []
+        if not self._step_stores and not self._step_opened:
+            self._step_opened = True
             for spec in meta.stores:
-                lt = self._begin_store(spec)
-                if lt is not None:
-                    self._open_stores.append((spec, lt, set()))
-            if not self._open_stores:
-                meta.stores = []
-                return
-        event = 0
-        if self._device:
-            import torch
-
-            ev = torch.cuda.Event()
-            ev.record()
-            self._events.append(ev)
-            event = ev.cuda_event
-        for spec, lt, sent in self._open_stores:
+                opened = self._begin_store(spec)
+                if opened is not None:
+                    self._step_stores.append(opened)
+        if not self._step_stores:
+            return
+        event, keep = self._current_event()  # this layer's attention has written its KV
+        for spec, lt, covered, events, sent in self._step_stores:
             if idx in sent:
                 continue
             try:
                 lt.submit_layer(idx, event=event)
                 sent.add(idx)
+                events.extend(keep)
             except kvortex.Error as e:
                 log.warning("kvortex: store of %s failed: %s", spec.req_id, e)
 
@@ -774,10 +908,10 @@ class KVortexConnector(KVConnectorBase_V1):
         n = len(spec.tokens) // 4
         for i, b in enumerate(spec.block_ids):
             if b in self._failed_now:
-                return i * self._block_size // self._chunk * self._chunk
+                return min(n, i * self._block_size // self._chunk * self._chunk)
         return n
 
-    def _begin_store(self, spec: StoreSpec) -> Any:
+    def _begin_store(self, spec: StoreSpec):
         tokens = array("i")
         tokens.frombytes(spec.tokens)
         clean = self._clean_prefix(spec)
@@ -786,11 +920,12 @@ class KVortexConnector(KVConnectorBase_V1):
             if not tokens:
                 return None
         try:
-            return self._engine.begin_store(tokens, self._layout, spec.block_ids, salt=spec.salt)
+            lt = self._engine.begin_store(tokens, self._layout, spec.block_ids, salt=spec.salt)
         except kvortex.Error as e:
             self.stats["store_failures"] += 1
             log.warning("kvortex: store of %s failed: %s", spec.req_id, e)
             return None
+        return (spec, lt, len(tokens), [], set())
 
     def wait_for_save(self) -> None:
         if self._engine is None or not self.has_connector_metadata():
@@ -798,42 +933,30 @@ class KVortexConnector(KVConnectorBase_V1):
         if not self._loads_waited:
             self._finish_loads()  # load errors are reported in this pass
         meta = self._get_connector_metadata()
-        if meta.stores and not self._open_stores:
-            # No per-layer hook ran this step (a compiled graph, a model without attention hooks):
-            # store whole chunks now that the forward pass is done.
+        if meta.stores and not self._step_opened:
+            # No per-layer hook ran this step (a replayed CUDA graph, a model without attention
+            # hooks): store whole chunks now that the forward pass is queued.
             for spec in meta.stores:
-                lt = self._begin_store(spec)
-                if lt is not None:
-                    self._open_stores.append((spec, lt, set()))
-        event = 0
-        if self._device and self._open_stores:
-            import torch
-
-            ev = torch.cuda.Event()
-            ev.record()
-            self._events.append(ev)
-            event = ev.cuda_event
-        for spec, lt, sent in self._open_stores:
-            if self._clean_prefix(spec) < lt.tokens and self._failed_now:
-                # A load into these blocks failed after the store began: drop it (rolled back).
+                opened = self._begin_store(spec)
+                if opened is not None:
+                    self._step_stores.append(opened)
+        event, keep = self._current_event()
+        for spec, lt, covered, events, sent in self._step_stores:
+            if self._clean_prefix(spec) < covered:
+                # A load into these blocks failed after the store began: roll it back.
                 self.stats["store_failures"] += 1
                 continue
             try:
                 for layer in range(self._num_layers):
                     if layer not in sent:
                         lt.submit_layer(layer, event=event)
-                ticket = lt.finish()
-                self.stats["stores"] += 1
-                if self._opts["async_save"]:
-                    self._inflight.setdefault(spec.req_id, []).append(ticket)
-                else:
-                    self._wait_store(ticket)
+                events.extend(keep)
+                self._open[(spec.step, spec.req_id)] = (spec, lt, covered, events)
             except kvortex.Error as e:
                 self.stats["store_failures"] += 1
                 log.warning("kvortex: store of %s failed: %s", spec.req_id, e)
-        self._open_stores = []
-        if not self._opts["async_save"]:
-            self._events = []
+        self._step_stores = []
+        self._step_opened = False
 
     def _wait_store(self, ticket: Any) -> None:
         try:
@@ -844,29 +967,26 @@ class KVortexConnector(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         self._finished_seen.update(finished_req_ids or ())
-        sending: set[str] = set()
-        for req_id in list(self._delayed_seen):
-            if req_id not in self._finished_seen:
-                continue
-            tickets = self._inflight.get(req_id, [])
-            if all(t.ready() for t in tickets):
-                for t in tickets:
+        for req_id, tickets in list(self._inflight.items()):  # let go of what is done
+            left = [(t, ev) for t, ev in tickets if not t.ready()]
+            for t, _ev in tickets:
+                if t.ready():
                     self._wait_store(t)
-                self._inflight.pop(req_id, None)
-                self._delayed_seen.discard(req_id)
-                self._finished_seen.discard(req_id)
-                sending.add(req_id)
-        # Finished requests the scheduler did not hold: nothing to report, their stores are done.
-        for req_id in list(self._finished_seen):
-            if req_id not in self._delayed_seen:
-                tickets = self._inflight.get(req_id, [])
-                if all(t.ready() for t in tickets):
-                    for t in tickets:
-                        self._wait_store(t)
-                    self._inflight.pop(req_id, None)
-                    self._finished_seen.discard(req_id)
-        if not any(self._inflight.values()):
-            self._events = []
+            if left:
+                self._inflight[req_id] = left
+            else:
+                del self._inflight[req_id]
+        sending: set[str] = set()
+        open_reqs = {k[1] for k in self._open}
+        for req_id in list(self._delayed_seen & self._finished_seen):
+            if req_id in open_reqs:
+                continue  # its last stores are not committed yet
+            for ticket, _events in self._inflight.pop(req_id, []):
+                self._wait_store(ticket)  # copies out of its blocks, submitted a step ago or more
+            self._delayed_seen.discard(req_id)
+            sending.add(req_id)
+        self._finished_seen -= sending
+        self._finished_seen = {r for r in self._finished_seen if r in self._delayed_seen or r in open_reqs}
         recving = self._progress_async_loads() if self._async_loads else set()
         return (sending or None), (recving or None)
 
@@ -875,8 +995,10 @@ class KVortexConnector(KVConnectorBase_V1):
         return out
 
     def shutdown(self) -> None:
+        self._open.clear()  # uncommitted: rolled back
+        self._step_stores = []
         for tickets in self._inflight.values():
-            for t in tickets:
+            for t, _ev in tickets:
                 self._wait_store(t)
         self._inflight.clear()
         if self._engine is not None:

@@ -111,8 +111,13 @@ def test_preempted_requests_resume_from_kvortex(sockets):
     for q in reqs:
         assert q.num_output_tokens == 40
         assert r.mismatches(q.request_id) == 0
-    # A resumed request found its computed prompt chunks in KVortex.
-    assert any(r.scheduler.external_hits.get(q.request_id, 0) > 0 for q in preempted)
+    # A preempted request's blocks were freed at once: the stores still open for it were rolled
+    # back (never committed from reused blocks). What it stored once it ran through is served.
+    for q in preempted:
+        again = Request(q.request_id + "-again", list(q.all_token_ids[:192]) + [5, 5])
+        r.run([again])
+        assert r.scheduler.external_hits[again.request_id] == 192
+        assert r.mismatches(again.request_id) == 0
     finished_clean(r)
     r.close()
 
@@ -189,6 +194,53 @@ def test_two_tensor_parallel_ranks_serve_the_minimum_of_their_hits(sockets):
     r.close()
 
 
+def test_a_failed_load_on_one_rank_never_leaves_wrong_kv_on_another(sockets):
+    # Rank 1 loses the prefix between the scheduler's lookup and the load. Its attention reads
+    # garbage, and (through the all-reduce) so does every rank's next layer: the chunk computed in
+    # that step is wrong on rank 0 too, and must not be committed there.
+    r = replay(sockets, tp=2, prefix_caching=False, extra={"capacity_bytes": CHUNK_BYTES * 8})
+    shared = prompt(160, 44)
+    r.run([Request("a", shared + prompt(40, 45))])
+    b = Request("b", shared + prompt(60, 46))
+    w1 = r.workers[1]
+
+    def evict():
+        if r.scheduler.external_hits.get("b") and not getattr(evict, "done", False):
+            evict.done = True
+            w1.connector.engine().store(np.asarray(prompt(192, 47), dtype=np.int32), w1.connector._layout,
+                                        list(range(12))).wait()
+
+    r.scheduler.add_request(b)
+    while r.scheduler.has_requests():
+        r.step(before_forward=evict)
+        assert r.steps < 500
+    assert getattr(evict, "done", False) and r.scheduler.invalid_blocks_seen
+    assert r.mismatches("b") == 0
+    # b's sixth chunk, as computed over the failed load, was dropped on rank 0; recomputed, it
+    # was stored again. A request that reads it gets the right bytes on both ranks.
+    c = Request("c", list(b.all_token_ids[:192]) + [3, 3])
+    r.run([c])
+    assert r.scheduler.external_hits.get("c", 0) == 192
+    assert r.mismatches("c") == 0
+    finished_clean(r)
+    r.close()
+
+
+def test_a_request_aborted_during_its_async_load_is_released_once(sockets):
+    r = replay(sockets, prefix_caching=False, extra={"load_mode": "async"})
+    shared = prompt(192, 48)
+    r.run([Request("a", shared + prompt(20, 49))])
+    b = Request("b", shared + prompt(20, 50))
+    r.scheduler.add_request(b)
+    r.step()
+    assert b.status.name == "WAITING_FOR_REMOTE_KVS"
+    r.scheduler.abort("b")
+    r.run()
+    assert r.scheduler.reports[("finished_sending", "b")] == 0
+    finished_clean(r)
+    r.close()
+
+
 def test_cache_salt_lora_and_multimodal_inputs_are_isolated(sockets):
     r = replay(sockets, prefix_caching=False)
     p = prompt(192, 50)
@@ -229,12 +281,23 @@ def test_a_cross_layer_cache_is_registered_and_served(sockets):
     r.close()
 
 
-def test_synchronous_saves_release_blocks_at_once(sockets):
-    r = replay(sockets, prefix_caching=False, extra={"async_save": False})
-    r.run([Request("a", prompt(100, 70))])
-    assert r.scheduler.reports[("finished_sending", "a")] == 0
-    r.run([Request("b", prompt(96, 70) + [9, 9])])
-    assert r.scheduler.external_hits["b"] == 96
+def test_pending_lookups_skip_the_request_until_answered(sockets):
+    r = replay(sockets, prefix_caching=False, extra={"lookup_wait_us": 0})
+    shared = prompt(192, 85)
+    r.run([Request("a", shared + prompt(20, 86))])
+    pending = []
+    orig = r.sched_conn.get_num_new_matched_tokens
+
+    def spy(req, n):
+        got = orig(req, n)
+        pending.append(got[0] is None)
+        return got
+
+    r.sched_conn.get_num_new_matched_tokens = spy
+    b = Request("b", shared + prompt(20, 87))
+    r.run([b])
+    assert pending[-1] is False and r.scheduler.external_hits["b"] == 192
+    assert r.mismatches("b") == 0
     finished_clean(r)
     r.close()
 
@@ -260,8 +323,10 @@ def test_unknown_and_bad_settings_are_refused_by_name():
         parse_options({"chunk_tokens": 0})
     with pytest.raises(ConfigError, match="engine.geometry is set by the connector"):
         parse_options({"engine": {"geometry": {}}})
-    with pytest.raises(ConfigError, match="'async_save' is 'yes'"):
-        parse_options({"async_save": "yes"})
+    with pytest.raises(ConfigError, match="'cross_layer' is 'yes'"):
+        parse_options({"cross_layer": "yes"})
+    with pytest.raises(ConfigError, match="engine.chunk_tokens is set by the connector"):
+        parse_options({"engine": {"chunk_tokens": 64}})
     cfg = VllmConfig(KVTransferConfig(kv_connector_extra_config={"chunk_tokens": 40}), ModelConfig(), CacheConfig(16))
     with pytest.raises(ConfigError, match="chunk_tokens 40 is not a multiple of vLLM's block size 16"):
         KVortexConnector(cfg, KVConnectorRole.SCHEDULER, KVCacheConfig(8))
