@@ -104,12 +104,12 @@ class lookup_client {
     auto it = queries_.find(id);
     if (it == queries_.end()) return fail(errc::not_found, "lookup_client: no pending query " + std::to_string(id));
     const auto deadline = std::chrono::steady_clock::now() + wait;
-    read_ready(0);
+    read_ready(std::chrono::nanoseconds::zero());
     for (;;) {
       if (auto v = complete(it)) return *v;
       const auto left = deadline - std::chrono::steady_clock::now();
       if (left <= std::chrono::steady_clock::duration::zero()) return std::optional<std::size_t>{};
-      read_ready(static_cast<int>(std::chrono::ceil<std::chrono::milliseconds>(left).count()));
+      read_ready(std::chrono::duration_cast<std::chrono::nanoseconds>(left));
     }
   }
 
@@ -164,7 +164,8 @@ class lookup_client {
     s.retry_at = std::chrono::steady_clock::now() + cfg_.reconnect_backoff;
   }
 
-  void read_ready(int timeout_ms) {
+  // Waits up to `timeout` (to the microsecond: ppoll, not poll's milliseconds) for replies.
+  void read_ready(std::chrono::nanoseconds timeout) {
     std::vector<pollfd> fds;
     std::vector<std::size_t> which;
     for (std::size_t i = 0; i < servers_.size(); ++i)
@@ -173,7 +174,8 @@ class lookup_client {
         which.push_back(i);
       }
     if (fds.empty()) return;
-    if (::poll(fds.data(), fds.size(), timeout_ms) <= 0) return;
+    timespec ts{static_cast<time_t>(timeout.count() / 1'000'000'000), static_cast<long>(timeout.count() % 1'000'000'000)};
+    if (::ppoll(fds.data(), fds.size(), &ts, nullptr) <= 0) return;
     for (std::size_t k = 0; k < fds.size(); ++k)
       if (fds[k].revents != 0) drain(which[k]);
   }

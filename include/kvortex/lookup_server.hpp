@@ -199,8 +199,8 @@ class lookup_server {
         const int fd = ::accept4(listen_fd.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
         if (fd < 0) return;
         if (clients.size() >= cfg.max_clients) {
+          refused.fetch_add(1, std::memory_order_relaxed);  // counted before the peer can see it closed
           ::close(fd);
-          refused.fetch_add(1, std::memory_order_relaxed);
           continue;
         }
         accepted.fetch_add(1, std::memory_order_relaxed);
