@@ -27,8 +27,10 @@ How it works:
   ``register_cross_layers_kv_cache``) builds a KVortex engine over that rank's paged cache (its own
   host memory, plus the disk and Redis tiers the configuration names) and serves lookups on a Unix
   socket, from a C++ thread that never takes the GIL. Prompts are stored chunk by chunk as their
-  prefill completes (``save_kv_layer`` copies each layer after its attention, ``wait_for_save``
-  closes the step's stores without waiting for them); loads are layer-wise within the step
+  prefill completes (``save_kv_layer`` copies each layer after its attention); the chunks stay
+  unreadable until the scheduler commits them, once no rank reported a failed load in that step
+  (KV computed over one is wrong on every rank), and are rolled back otherwise, or when the
+  request is preempted or aborted first. Loads are layer-wise within the step
   (``start_load_kv`` starts every layer's copies, ``wait_for_layer_load`` waits for that layer only)
   or, with ``load_mode = "async"``, between steps (the request waits in
   ``WAITING_FOR_REMOTE_KVS`` while its chunks come up from a tier).
