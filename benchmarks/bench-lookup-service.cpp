@@ -86,7 +86,9 @@ void round_trip(benchmark::State& state) {
   for (std::size_t i = 0; i < servers; ++i) {
     engines.push_back(stored_engine(tokens));
     auto* e = &engines.back();
-    const auto path = (dir / ("s" + std::to_string(i))).string();
+    std::string name = "server-";
+    name += std::to_string(i);  // (not "s" + to_string: GCC 12 warns of a restrict overlap there)
+    const auto path = (dir / name).string();
     running.push_back(take(kvortex::lookup_server::start(
                                {.path = path}, [e](std::span<const token_id> t, kvortex::key_salt s) { return e->lookup(t, s); }),
                            "lookup_server"));
