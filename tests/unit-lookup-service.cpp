@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include "test_support.hpp"
+#include "tier_support.hpp"
 
 #include <kvortex/lookup_client.hpp>
 #include <kvortex/lookup_server.hpp>
@@ -90,9 +91,7 @@ TEST_CASE("lookup service: a server that is down answers 0 until it is back") {
   const auto cfg = kvt::small_config();
   auto e = host_engine::create(cfg).value();
   const auto tokens = kvt::make_tokens(64, 5);
-  kvt::paged_cache cache(cfg.geometry, 16, cfg.block_tokens);
-  cache.fill(tokens, {});
-  REQUIRE(e.store(tokens, cache.layout()).value().wait().value() == 64);
+  REQUIRE(kvt::store_prompt(e, tokens) == 64);
 
   auto c = lookup_client::create({.paths = {dir.sock("a")}, .reconnect_backoff = 50ms}).value();
   CHECK(ask(c, tokens) == 0);  // nobody listens yet
@@ -114,9 +113,7 @@ TEST_CASE("lookup service: malformed and oversized queries close only their own 
   const auto cfg = kvt::small_config();
   auto e = host_engine::create(cfg).value();
   const auto tokens = kvt::make_tokens(64, 6);
-  kvt::paged_cache cache(cfg.geometry, 16, cfg.block_tokens);
-  cache.fill(tokens, {});
-  REQUIRE(e.store(tokens, cache.layout()).value().wait().value() == 64);
+  REQUIRE(kvt::store_prompt(e, tokens) == 64);
   auto s = lookup_server::start({.path = dir.sock("m"), .max_tokens = 1000},
                                 [&e](std::span<const token_id> t, key_salt k) { return e.lookup(t, k); })
                .value();

@@ -3,9 +3,6 @@ loads whose events the compute stream waits on, stores after each layer's event)
 
 from __future__ import annotations
 
-import random
-import shutil
-import tempfile
 
 import pytest
 
@@ -14,20 +11,9 @@ torch = pytest.importorskip("torch", reason="the GPU replay needs PyTorch")
 if not torch.cuda.is_available() or not kvortex.has_cuda:
     pytest.skip("the GPU replay needs a CUDA device and a CUDA build of kvortex", allow_module_level=True)
 
+from .conftest import prompt  # noqa: E402
 from .harness import Replay  # noqa: E402
 from .shapes import Request  # noqa: E402
-
-
-@pytest.fixture
-def sockets():
-    d = tempfile.mkdtemp(prefix="kvr-", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-def prompt(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(1, 30000) for _ in range(n)]
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])

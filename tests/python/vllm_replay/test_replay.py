@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import os
-import random
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 
@@ -18,24 +15,13 @@ import pytest
 kvortex = pytest.importorskip("kvortex")
 from kvortex.vllm import ConfigError, KVConnectorRole, KVortexConnector, parse_options, socket_path  # noqa: E402
 
+from .conftest import prompt  # noqa: E402
 from .harness import Replay  # noqa: E402
 from .shapes import (CacheConfig, KVCacheConfig, KVTransferConfig, LoRARequest, ModelConfig,  # noqa: E402
                      MultiModalFeatureSpec, ParallelConfig, PlaceholderRange, Request, VllmConfig)
 
 CHUNK = 32
 CHUNK_BYTES = CHUNK * 2 * 2 * 2 * 8 * 2  # tokens x layers x planes x heads x dim x 2 bytes
-
-
-@pytest.fixture
-def sockets():
-    d = tempfile.mkdtemp(prefix="kvr-", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-def prompt(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(1, 30000) for _ in range(n)]
 
 
 def replay(sockets, **kw) -> Replay:
