@@ -297,3 +297,63 @@ TEST_CASE("strided validation: random descriptors are rejected or stay in bounds
   }
   CHECK(accepted > 100);  // the generator must exercise the accepting side too
 }
+
+TEST_CASE("split_kv gathers K and V from separate tensors anywhere in memory, NHD and HND") {
+  kv_geometry g{.num_layers = 3, .kv_planes = 2, .kv_heads = 4, .head_dim = 8, .element_bytes = 2};
+  const std::size_t blocks = 10, bt = 8, hb = 16;
+  for (auto order : {kv_order::nhd, kv_order::hnd}) {
+    // Six tensors allocated one by one, in an order unrelated to layer and plane.
+    std::vector<std::vector<std::byte>> t;
+    for (unsigned i = 0; i < 6; ++i) t.push_back(iota_bytes(blocks * bt * g.row_bytes(), 40 + i));
+    std::vector<std::byte*> keys{t[4].data(), t[0].data(), t[2].data()};
+    std::vector<std::byte*> values{t[1].data(), t[5].data(), t[3].data()};
+    const auto lay = kv_layout::split_kv(keys, values, g, blocks, bt, order).value();
+    CHECK(lay.kind() == "split_kv");
+    CHECK(lay.layers_disjoint());
+    CHECK(lay.layers()[1] == keys[1]);
+    const std::vector<std::int32_t> table{7, 2, 9, 0};
+    check_gather(lay, table, 3, 27, [&](std::size_t l, std::size_t p, std::size_t block, std::size_t slot, std::size_t h) {
+      const std::byte* base = p == 0 ? keys[l] : values[l];
+      const std::size_t at = order == kv_order::nhd ? (block * bt + slot) * g.row_bytes() + h * hb
+                                                    : ((block * g.kv_heads + h) * bt + slot) * hb;
+      return base + at;
+    });
+  }
+}
+
+TEST_CASE("split_kv refuses wrong counts, null tensors and one plane, and names overlapping tensors") {
+  kv_geometry g{.num_layers = 2, .kv_planes = 2, .kv_heads = 2, .head_dim = 4, .element_bytes = 2};
+  const std::size_t blocks = 4, bt = 4, extent = blocks * bt * g.row_bytes();
+  std::vector<std::byte> mem(6 * extent);
+  std::vector<std::byte*> k{mem.data(), mem.data() + 2 * extent}, v{mem.data() + extent, mem.data() + 3 * extent};
+  CHECK(kv_layout::split_kv(k, v, g, blocks, bt).has_value());
+
+  std::vector<std::byte*> one{mem.data()};
+  auto r = kv_layout::split_kv(one, v, g, blocks, bt);
+  REQUIRE_FALSE(r);
+  CHECK(r.error().code == errc::invalid_layout);
+  CHECK(r.error().message.find("1 key tensors and 2 value tensors") != std::string::npos);
+
+  r = kv_layout::split_kv(std::span<std::byte* const>(k.data(), 1), std::span<std::byte* const>(v.data(), 1), g, blocks, bt);
+  REQUIRE_FALSE(r);
+  CHECK(r.error().message.find("1 layer tensors for a geometry of 2 layers") != std::string::npos);
+
+  std::vector<std::byte*> with_null{mem.data(), nullptr};
+  r = kv_layout::split_kv(k, with_null, g, blocks, bt);
+  REQUIRE_FALSE(r);
+  CHECK(r.error().message.find("null") != std::string::npos);
+
+  kv_geometry mla = g;
+  mla.kv_planes = 1;
+  r = kv_layout::split_kv(k, v, mla, blocks, bt);
+  REQUIRE_FALSE(r);
+  CHECK(r.error().message.find("kv_planes == 2") != std::string::npos);
+
+  // values[1] starts half-way into keys[1]: readable, never a destination.
+  std::vector<std::byte*> v2{mem.data() + extent, mem.data() + 2 * extent + extent / 2};
+  const auto overlapping = kv_layout::split_kv(k, v2, g, blocks, bt).value();
+  CHECK_FALSE(overlapping.layers_disjoint());
+  const auto dest = overlapping.check_destination();
+  REQUIRE_FALSE(dest);
+  CHECK(dest.error().message.find("keys[1] and values[1] overlap") != std::string::npos);
+}

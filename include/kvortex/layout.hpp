@@ -171,6 +171,53 @@ class kv_layout {
     return out;
   }
 
+  /// @brief K and V kept in separate tensors per layer, each `[num_blocks * block_tokens][kv_heads][head_dim]`
+  /// (`kv_order::nhd`, as transformers' `PagedAttentionCache` and SGLang's token pools keep them)
+  /// or `[num_blocks][kv_heads][block_tokens][head_dim]` (`kv_order::hnd`), contiguous, anywhere in
+  /// memory: `keys[l]` is plane 0 of layer `l`, `values[l]` plane 1. `layers()` gives the K tensors.
+  /// Fails with `errc::invalid_layout` when the counts differ from the geometry's layers, a pointer
+  /// is null, or `kv_planes != 2`. Tensors that overlap make a layout that only a store may read
+  /// (`check_destination` names the two tensors).
+  [[nodiscard]] static result<kv_layout> split_kv(std::span<std::byte* const> keys, std::span<std::byte* const> values,
+                                                  const kv_geometry& g, std::size_t num_blocks,
+                                                  std::size_t block_tokens, kv_order order = kv_order::nhd) {
+    try {
+      if (g.kv_planes != 2)
+        return fail(errc::invalid_layout, "split_kv layout needs kv_planes == 2, got " + std::to_string(g.kv_planes));
+      if (keys.size() != values.size())
+        return fail(errc::invalid_layout, "split_kv layout: " + std::to_string(keys.size()) + " key tensors and " +
+                                              std::to_string(values.size()) + " value tensors");
+      // Validated as 2L single-plane layers [k0, v0, k1, v1, ...]: the same checks, one extent per tensor.
+      std::vector<std::byte*> planes;
+      planes.reserve(2 * keys.size());
+      for (std::size_t l = 0; l < keys.size(); ++l) {
+        planes.push_back(keys[l]);
+        planes.push_back(values[l]);
+      }
+      kv_geometry one = g;
+      one.kv_planes = 1;
+      one.num_layers = static_cast<std::uint32_t>(std::min<std::size_t>(planes.size(), std::numeric_limits<std::uint32_t>::max()));
+      if (planes.size() != std::size_t{2} * g.num_layers)
+        return fail(errc::invalid_layout, "split_kv layout: " + std::to_string(keys.size()) +
+                                              " layer tensors for a geometry of " + std::to_string(g.num_layers) + " layers");
+      if (auto v = check_sizes(g, num_blocks, block_tokens, 0, "split_kv"); !v) return std::unexpected(v.error());
+      const std::size_t row = g.row_bytes();
+      const auto hb = static_cast<std::int64_t>(std::size_t{g.head_dim} * g.element_bytes);
+      const auto bt = static_cast<std::int64_t>(block_tokens);
+      strides s{0, static_cast<std::int64_t>(block_tokens * row), order == kv_order::nhd ? static_cast<std::int64_t>(row) : hb,
+                order == kv_order::nhd ? hb : bt * hb};
+      auto out = make(planes, one, num_blocks, block_tokens, s, num_blocks * block_tokens * row, "split_kv");
+      if (!out) return out;
+      if (!out->aliasing_.empty()) out->aliasing_ = plane_overlap(planes, num_blocks * block_tokens * row);
+      out->plane_ptrs_ = std::move(planes);
+      out->layers_.assign(keys.begin(), keys.end());
+      out->geometry_ = g;
+      return out;
+    } catch (const std::bad_alloc&) {
+      return fail(errc::out_of_memory, "layout: cannot allocate the descriptor");
+    }
+  }
+
   /// @brief Any layout given by explicit byte strides; `layer_bytes` is each layer tensor's extent.
   [[nodiscard]] static result<kv_layout> strided(std::span<std::byte* const> layer_ptrs, const kv_geometry& g,
                                                  std::size_t num_blocks, std::size_t block_tokens,
@@ -291,7 +338,8 @@ class kv_layout {
     std::byte* cursor = chunk + layer_first * geometry_.kv_planes * count * row;
     for (std::size_t l = layer_first; l < layer_end; ++l) {
       for (std::size_t p = 0; p < geometry_.kv_planes; ++p) {
-        std::byte* plane_base = layers_[l] + static_cast<std::ptrdiff_t>(p) * strides_.plane;
+        std::byte* plane_base = plane_ptrs_.empty() ? layers_[l] + static_cast<std::ptrdiff_t>(p) * strides_.plane
+                                                    : plane_ptrs_[l * geometry_.kv_planes + p];
         for (std::size_t t = first; t < first + count;) {
           const std::size_t logical = t / block_tokens_;
           const std::size_t slot = t % block_tokens_;
@@ -415,6 +463,17 @@ class kv_layout {
     return {};
   }
 
+  // Names two split K/V tensors (`planes` = [k0, v0, k1, v1, ...], each `extent` bytes) that share bytes.
+  static std::string plane_overlap(std::span<std::byte* const> planes, std::size_t extent) {
+    std::vector<std::pair<std::uintptr_t, std::size_t>> at(planes.size());
+    for (std::size_t i = 0; i < planes.size(); ++i) at[i] = {reinterpret_cast<std::uintptr_t>(planes[i]), i};
+    std::sort(at.begin(), at.end());
+    const auto name = [](std::size_t i) { return std::string(i % 2 ? "values[" : "keys[") + std::to_string(i / 2) + "]"; };
+    for (std::size_t i = 1; i < at.size(); ++i)
+      if (at[i].first - at[i - 1].first < extent) return name(at[i - 1].second) + " and " + name(at[i].second) + " overlap";
+    return "two tensors overlap";
+  }
+
   static result<kv_layout> make(std::span<std::byte* const> layer_ptrs, const kv_geometry& g,
                                 std::size_t num_blocks, std::size_t block_tokens, strides s,
                                 std::size_t layer_bytes, std::string kind) noexcept {
@@ -466,6 +525,7 @@ class kv_layout {
   }
 
   std::vector<std::byte*> layers_;
+  std::vector<std::byte*> plane_ptrs_;  // split_kv: [layer][plane] bases; empty: layers_ + plane stride
   kv_geometry geometry_{};
   std::size_t num_blocks_{0};
   std::size_t block_tokens_{0};

@@ -314,10 +314,9 @@ def contiguous_layout(kv_caches: Sequence[Any]) -> Layout:
 
 def split_kv_layout(keys: Sequence[Any], values: Sequence[Any], *, block_tokens: int) -> Layout:
     """K and V kept in separate tensors per layer, each ``[num_blocks * block_tokens, kv_heads,
-    head_dim]`` (or ``[num_blocks, block_tokens, kv_heads, head_dim]``): transformers'
-    ``PagedAttentionCache`` and SGLang's token pools. Each layer's V tensor must sit at a fixed
-    byte distance from its K tensor (true of one allocation per layer and of caches allocated
-    back to back); the distance is the layout's plane stride."""
+    head_dim]`` (or ``[num_blocks, block_tokens, kv_heads, head_dim]``), contiguous and anywhere in
+    memory: transformers' ``PagedAttentionCache`` and SGLang's token pools. ``keys[i]`` and
+    ``values[i]`` are layer ``i``. Tensors that overlap can be read (stored from) but not written."""
     if len(keys) != len(values) or not keys:
         raise ValueError(f"split_kv_layout: {len(keys)} key tensors and {len(values)} value tensors")
     kinfo = [_array_info(t, f"split_kv_layout: keys[{i}]") for i, t in enumerate(keys)]
@@ -327,7 +326,6 @@ def split_kv_layout(keys: Sequence[Any], values: Sequence[Any], *, block_tokens:
         nb, bt, heads, dim = first.shape
         if bt != block_tokens:
             raise ValueError(f"split_kv_layout: keys[0]: dimension 1 (block_tokens) is {bt}, expected {block_tokens}")
-        slots = nb * bt
     elif len(first.shape) == 3:
         slots, heads, dim = first.shape
         if slots % block_tokens:
@@ -336,27 +334,14 @@ def split_kv_layout(keys: Sequence[Any], values: Sequence[Any], *, block_tokens:
     else:
         raise ValueError(f"split_kv_layout: keys[0]: expected 3 dimensions [slots, kv_heads, head_dim], got shape {list(first.shape)}")
     es = first.itemsize
-    row = heads * dim * es
-    plane = vinfo[0].ptr - kinfo[0].ptr
+    labels = ("slots",) * (len(first.shape) - 2) + ("kv_heads", "head_dim")
     for i, (k, v) in enumerate(zip(kinfo, vinfo)):
         for name, info in ((f"split_kv_layout: keys[{i}]", k), (f"split_kv_layout: values[{i}]", v)):
             if info.shape != first.shape:
                 raise ValueError(f"{name}: shape {list(info.shape)}, keys[0] has {list(first.shape)}")
             if info.itemsize != es:
                 raise ValueError(f"{name}: element size {info.itemsize} bytes, keys[0] has {es}")
-            _check_strides(info, name, _contiguous_strides(info.shape, es), ("slots",) * (len(first.shape) - 2) + ("kv_heads", "head_dim"))
-        if v.ptr - k.ptr != plane:
-            raise ValueError(f"split_kv_layout: values[{i}] starts {v.ptr - k.ptr} bytes from keys[{i}], "
-                             f"layer 0 has {plane}: pass tensors at one fixed distance (or copy through a flash_attn_layout)")
-    if plane == 0:
-        raise ValueError("split_kv_layout: keys[0] and values[0] are the same tensor")
+            _check_strides(info, name, _contiguous_strides(info.shape, es), labels)
     device = _one_device(kinfo + vinfo, "split_kv_layout")
     geometry = {"num_layers": len(kinfo), "kv_planes": 2, "kv_heads": heads, "head_dim": dim, "element_bytes": es}
-    base = [min(k.ptr, v.ptr) for k, v in zip(kinfo, vinfo)]
-    # The plane stride may be negative (V below K): each layer's base is then V, and K is plane 1.
-    lo_is_k = plane > 0
-    stride = abs(plane)
-    layer_bytes = stride + slots * row
-    if not lo_is_k:
-        raise ValueError("split_kv_layout: values[0] lies below keys[0] in memory; pass the tensors in address order")
-    return _kvortex._strided(base, geometry, nb, block_tokens, stride, block_tokens * row, row, dim * es, layer_bytes, device)
+    return _kvortex._split_kv([k.ptr for k in kinfo], [v.ptr for v in vinfo], geometry, nb, block_tokens, False, device)

@@ -499,6 +499,12 @@ PYBIND11_MODULE(_kvortex, m) {
     auto ptrs = ptrs_of(p);
     return finish_layout(kvortex::kv_layout::contiguous(ptrs, geometry_of(g), max_tokens), dev);
   });
+  m.def("_split_kv", [](const std::vector<std::uintptr_t>& k, const std::vector<std::uintptr_t>& v, const py::dict& g, std::size_t nb,
+                        std::size_t bt, bool hnd, bool dev) {
+    auto keys = ptrs_of(k);
+    auto values = ptrs_of(v);
+    return finish_layout(kvortex::kv_layout::split_kv(keys, values, geometry_of(g), nb, bt, hnd ? kvortex::kv_order::hnd : kvortex::kv_order::nhd), dev);
+  });
   m.def("_strided", [](const std::vector<std::uintptr_t>& p, const py::dict& g, std::size_t nb, std::size_t bt, std::int64_t plane,
                        std::int64_t block, std::int64_t token, std::int64_t head, std::size_t layer_bytes, bool dev) {
     auto ptrs = ptrs_of(p);

@@ -170,21 +170,33 @@ def test_bad_settings_and_bad_tensors_raise_errors_that_name_them():
 def test_split_k_and_v_tensors_per_layer():
     with kvortex.Engine(settings()) as e:
         slots = 8 * BLOCK
-        # One allocation per layer, K then V: [2, slots, heads, dim]; the engine sees K and V apart.
-        store = [np.random.default_rng(20 + i).standard_normal((2, slots, HEADS, DIM)).astype(np.float16) for i in range(LAYERS)]
-        layout = kvortex.split_kv_layout([s[0] for s in store], [s[1] for s in store], block_tokens=BLOCK)
+        # Every K and V its own allocation, as transformers' PagedAttentionCache makes them.
+        rng = np.random.default_rng(20)
+        keys = [rng.standard_normal((slots, HEADS, DIM)).astype(np.float16) for _ in range(LAYERS)]
+        values = [rng.standard_normal((slots, HEADS, DIM)).astype(np.float16) for _ in range(LAYERS)]
+        layout = kvortex.split_kv_layout(keys, values, block_tokens=BLOCK)
+        assert layout.kind == "split_kv"
         prompt = tokens(4 * CHUNK, 11)
         table = np.random.default_rng(12).permutation(8)[: len(prompt) // BLOCK].astype(np.int32)
         assert e.store(prompt, layout, table).wait() == len(prompt)
-        out = [np.zeros_like(s) for s in store]
-        out_layout = kvortex.split_kv_layout([o[0] for o in out], [o[1] for o in out], block_tokens=BLOCK)
+        # Retrieved into tensors allocated in the other order, values before keys.
+        out_v = [np.zeros_like(v) for v in values]
+        out_k = [np.zeros_like(k) for k in keys]
+        out_layout = kvortex.split_kv_layout(out_k, out_v, block_tokens=BLOCK)
         assert e.retrieve(prompt, out_layout, table).wait() == len(prompt)
-        for s, o in zip(store, out):
-            for t in range(len(prompt)):
-                slot = table[t // BLOCK] * BLOCK + t % BLOCK
-                assert np.array_equal(o[:, slot], s[:, slot])
-        with pytest.raises(ValueError, match=r"values\[1\] starts"):
-            kvortex.split_kv_layout([store[0][0], store[1][0]], [store[0][1], out[1][1]], block_tokens=BLOCK)
+        used = np.concatenate([np.arange(b * BLOCK, (b + 1) * BLOCK) for b in table])
+        unused = np.setdiff1d(np.arange(slots), used)
+        for k, v, ok, ov in zip(keys, values, out_k, out_v):
+            assert np.array_equal(ok[used], k[used]) and np.array_equal(ov[used], v[used])
+            assert not ok[unused].any() and not ov[unused].any()
+        with pytest.raises(ValueError, match=r"values\[1\]: shape"):
+            kvortex.split_kv_layout(keys, [values[0], values[1][: slots - BLOCK]], block_tokens=BLOCK)
+        # One buffer holding V of layer 1 half-way into K of layer 1: a store may read it, a retrieve may not write it.
+        both = np.zeros((slots + slots // 2, HEADS, DIM), dtype=np.float16)
+        overlapping = kvortex.split_kv_layout([out_k[0], both[:slots]], [out_v[0], both[slots // 2:]], block_tokens=BLOCK)
+        with pytest.raises(kvortex.Error, match=r"keys\[1\] and values\[1\] overlap") as err:
+            e.retrieve(prompt, overlapping, table).wait()
+        assert err.value.code == "invalid_layout"
 
 
 def test_tickets_are_awaitable_and_calls_run_from_threads():
