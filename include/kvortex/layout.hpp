@@ -187,6 +187,10 @@ class kv_layout {
       if (keys.size() != values.size())
         return fail(errc::invalid_layout, "split_kv layout: " + std::to_string(keys.size()) + " key tensors and " +
                                               std::to_string(values.size()) + " value tensors");
+      for (std::size_t l = 0; l < keys.size(); ++l)
+        if (keys[l] == nullptr || values[l] == nullptr)
+          return fail(errc::invalid_layout, std::string("split_kv layout: ") + (keys[l] == nullptr ? "keys[" : "values[") +
+                                                std::to_string(l) + "] is null");
       // Validated as 2L single-plane layers [k0, v0, k1, v1, ...]: the same checks, one extent per tensor.
       std::vector<std::byte*> planes;
       planes.reserve(2 * keys.size());

@@ -12,6 +12,11 @@
 // - performing the ops with copy_host on real buffers of exactly the stated extents (ASan
 //   catches any byte outside them) moves the right bytes, and touches nothing else.
 // Factories without caller-chosen strides must accept every shape their docs allow.
+// split_kv (K and V in 2L separate tensors, modelled here: fuzz_support.hpp knows one pointer per
+// layer) also gets key and value pointers anywhere: apart, adjacent, overlapping by a byte or more,
+// equal, in any order, fake (never dereferenced) where too big to allocate, wrong counts and a null
+// one; it must refuse exactly what its docs refuse, and layers_disjoint() must be false exactly when
+// two of the tensors share a byte, with check_destination naming two that do.
 
 #include "fuzz_support.hpp"
 
@@ -22,6 +27,7 @@ namespace {
 
 using kvfuzz::layout_kind;
 using kvfuzz::layout_shape;
+using kvortex::kv_order;
 
 constexpr std::uint64_t max_region = 64 << 10;  // bytes of one real layer tensor
 constexpr std::uint64_t max_arena = 256 << 10;  // bytes of all real layer tensors
@@ -30,13 +36,62 @@ constexpr std::size_t max_table = 4096;
 
 std::uint32_t u32_of(std::uint64_t v) { return static_cast<std::uint32_t>(v); }
 
-layout_shape read_shape(kvfuzz::reader& in) {
-  layout_shape s;
-  s.kind = static_cast<layout_kind>(in.below(kvfuzz::layout_kinds));
+// The kind byte: below split_kv_byte, the factories fuzz_support.hpp models (byte % layout_kinds,
+// as before split_kv, so the inputs kept since decode as they did: none starts at 248 or more);
+// 248 and up, split_kv, NHD on even bytes and HND on odd ones. split_kv's kind is stored as
+// layout_kinds, a value past every enumerator, which no `kind ==` test matches.
+constexpr std::uint8_t split_kv_byte = 248;
+
+// layout_shape, with split_kv's documented shape: 2L tensors [k0, v0, k1, v1, ...] (region 2l + p),
+// each `[num_blocks * block_tokens][kv_heads][head_dim]` (NHD) or
+// `[num_blocks][kv_heads][block_tokens][head_dim]` (HND). Every member that depends on the kind
+// is redefined here, so that nothing below reaches layout_shape's own for a split_kv shape.
+struct shape : layout_shape {
+  bool split{false};
+  kv_order order{kv_order::nhd};
+
+  [[nodiscard]] std::optional<std::uint64_t> extent() const {
+    if (!split) return layout_shape::extent();
+    return kvfuzz::mul({num_blocks, block_tokens, g.kv_heads, g.head_dim, g.element_bytes});
+  }
+
+  // Offset of element (l, p, b, s, h) from the pointer of its region (see region()).
+  [[nodiscard]] std::uint64_t offset(std::uint64_t l, std::uint64_t p, std::uint64_t b, std::uint64_t s,
+                                     std::uint64_t h) const noexcept {
+    if (!split) return layout_shape::offset(l, p, b, s, h);
+    const std::uint64_t heads = g.kv_heads, bt = block_tokens, hb = head_bytes();
+    if (order == kv_order::nhd) return ((b * bt + s) * heads + h) * hb;  // token b * bt + s, then head h
+    return ((b * heads + h) * bt + s) * hb;                                // block b, head h, slot s
+  }
+
+  // Which of the caller's tensors holds layer l's plane p.
+  [[nodiscard]] std::size_t region(std::size_t l, std::size_t p) const noexcept {
+    return split ? 2 * l + p : one_tensor() ? 0 : l;
+  }
+
+  [[nodiscard]] bool documented_valid() const noexcept {
+    if (!split) return layout_shape::documented_valid();
+    return g.num_layers > 0 && g.kv_planes == 2 && g.kv_heads > 0 && g.head_dim > 0 && g.element_bytes > 0 &&
+           num_blocks > 0 && block_tokens > 0;
+  }
+
+  [[nodiscard]] kvortex::result<kvortex::kv_layout> build(std::span<std::byte* const> ptrs,
+                                                          std::span<std::byte* const> values) const {
+    if (!split) return layout_shape::build(ptrs);
+    return kvortex::kv_layout::split_kv(ptrs, values, g, num_blocks, block_tokens, order);
+  }
+};
+
+shape read_shape(kvfuzz::reader& in) {
+  shape s;
+  const std::uint8_t kind = in.u8();
+  s.split = kind >= split_kv_byte;
+  s.kind = static_cast<layout_kind>(s.split ? kvfuzz::layout_kinds : kind % kvfuzz::layout_kinds);
+  s.order = s.split && kind % 2 == 1 ? kv_order::hnd : kv_order::nhd;
   s.g.num_layers = u32_of(in.size_value(4));
-  // Mostly 1 or 2 planes, sometimes 0 or 3.
+  // Mostly 1 or 2 planes (split_kv: 2), sometimes 0 or 3.
   const std::uint8_t planes = in.u8();
-  s.g.kv_planes = planes < 224 ? 1 + planes % 2 : planes % 4;
+  s.g.kv_planes = planes < 224 ? (s.split ? 2 : 1 + planes % 2) : planes % 4;
   s.g.kv_heads = u32_of(in.size_value(4));
   s.g.head_dim = u32_of(in.size_value(16));
   s.g.element_bytes = u32_of(in.size_value(4));
@@ -71,16 +126,115 @@ layout_shape read_shape(kvfuzz::reader& in) {
 struct tensors {
   std::vector<std::unique_ptr<std::byte[]>> owned;
   std::vector<std::uint64_t> owned_bytes;
-  std::vector<std::byte*> ptrs;     // what the factory gets
-  std::vector<std::uint64_t> base;  // address of each layer's region (one_tensor: the tensor, once)
+  std::vector<std::byte*> ptrs;     // what the factory gets (split_kv: the keys)
+  std::vector<std::byte*> values;   // split_kv: the values
+  std::vector<std::uint64_t> base;  // address of each region (see shape::region)
   std::uint64_t extent{0};          // bytes of each region
   bool real{false};                 // ptrs point at real memory of `extent` bytes per region
   bool disjoint{true};              // regions do not overlap
+  std::vector<std::pair<std::size_t, std::size_t>> overlapping;  // split_kv: regions sharing a byte
 };
 
 alignas(64) std::byte stand_in[64];
 
-tensors make_tensors(kvfuzz::reader& in, const layout_shape& s) {
+// "keys[l]" or "values[l]" for split_kv's region i, as check_destination names the tensors.
+std::string split_name(std::size_t i) { return (i % 2 == 0 ? "keys[" : "values[") + std::to_string(i / 2) + "]"; }
+
+// split_kv's tensors, placed by the input at byte offsets `at` (slots [k0, v0, k1, v1, ...]):
+// apart, packed in any order with gaps of -e..e bytes (adjacent, one byte shared, partly or wholly
+// overlapping), anywhere in an arena, values equal to keys, or all at one address. Real memory
+// when small enough (apart: one heap block each, so ASan sees exactly the extents); else fake
+// addresses past stand_in, never dereferenced, while the offsets stay far below wrapping; else
+// every pointer is stand_in.
+tensors make_split_tensors(kvfuzz::reader& in, const shape& s) {
+  tensors t;
+  const std::size_t layers = s.g.num_layers;
+  std::size_t nk = layers, nv = layers;
+  // Mostly one key and one value tensor per layer; sometimes a count one off, or a null one.
+  const std::uint8_t counts = in.u8();
+  if (counts >= 224 && counts < 232 && nk > 0) --nk;
+  if (counts >= 232 && counts < 240 && nv > 0) --nv;
+  if (counts >= 240 && counts < 244) ++nk;
+  if (counts >= 244 && counts < 248) ++nv;
+  if (counts >= 248 && counts < 252 && (counts % 2 == 1 || layers > 0)) {
+    nk = counts % 2 == 1 ? nk + 1 : nk - 1;
+    nv = nk;
+  }
+  const bool null_one = counts >= 252;
+  const std::uint8_t placement = in.u8();
+  if (layers > 64) {  // a huge layer count: never as many pointers, so the factory must refuse
+    t.ptrs.assign(std::min<std::size_t>(nk, 64), stand_in);
+    t.values.assign(std::min<std::size_t>(nv, 64), stand_in);
+    return t;
+  }
+  const std::size_t n = 2 * std::max(nk, nv);
+  const auto ext = s.extent();
+  t.extent = ext.value_or(0);
+  const std::uint64_t e = t.extent;
+  std::vector<std::uint64_t> at(n, 0);
+  const bool placed = e > 0 && n > 0 && e <= (std::uint64_t{1} << 44) / (2 * n + 2);
+  if (placed) {
+    if (placement < 128) {
+      for (std::size_t i = 0; i < n; ++i) at[i] = i * e;
+    } else if (placement < 192) {
+      std::vector<std::size_t> order(n);
+      for (std::size_t i = 0; i < n; ++i) order[i] = i;
+      for (std::size_t i = n; i-- > 1;) std::swap(order[i], order[in.below(i + 1)]);
+      std::uint64_t cursor = 0;  // each step is 0..2e bytes: never below zero
+      for (const auto slot : order) {
+        at[slot] = cursor;
+        const std::uint8_t gap = in.u8();
+        if (gap < 96) cursor += e;                                               // adjacent
+        else if (gap < 128) cursor += e - 1;                                     // the last byte shared
+        else if (gap < 160) cursor += e + 1 + in.below(std::min<std::uint64_t>(e, 64));  // a few bytes apart
+        else if (gap < 192) cursor += e - in.below(e);                           // partly overlapping
+        else if (gap < 224) cursor += 0;                                         // equal
+        else cursor += e + in.below(e + 1);                                      // up to a tensor apart
+      }
+    } else if (placement < 224) {
+      for (auto& a : at) a = in.below(n * e + 1);
+    } else if (placement < 240) {
+      for (std::size_t i = 0; i < n; ++i) at[i] = (i / 2) * e;  // values[l] == keys[l]
+    }  // else all at offset 0
+  }
+  const std::uint64_t arena = placed ? *std::max_element(at.begin(), at.end()) + e : 0;
+  const bool apart_blocks = placement < 128;
+  t.real = placed && e <= max_region && (apart_blocks ? n * e : arena) <= max_arena;
+  std::vector<std::byte*> slot(n, stand_in);
+  if (t.real && apart_blocks) {
+    for (std::size_t i = 0; i < n; ++i) {
+      t.owned.emplace_back(new std::byte[e]);
+      t.owned_bytes.push_back(e);
+      slot[i] = t.owned.back().get();
+    }
+  } else if (t.real) {
+    t.owned.emplace_back(new std::byte[arena]);
+    t.owned_bytes.push_back(arena);
+    for (std::size_t i = 0; i < n; ++i) slot[i] = t.owned[0].get() + at[i];
+  } else if (placed) {
+    for (std::size_t i = 0; i < n; ++i)
+      slot[i] = reinterpret_cast<std::byte*>(reinterpret_cast<std::uintptr_t>(stand_in) + at[i]);
+  }
+  for (std::size_t l = 0; l < nk; ++l) t.ptrs.push_back(slot[2 * l]);
+  for (std::size_t l = 0; l < nv; ++l) t.values.push_back(slot[2 * l + 1]);
+  if (null_one) {
+    auto& v = (in.flag() && !t.values.empty()) || t.ptrs.empty() ? t.values : t.ptrs;
+    if (!v.empty()) v[in.below(v.size())] = nullptr;
+  }
+  for (std::size_t l = 0; l < std::min(nk, nv); ++l) {
+    t.base.push_back(reinterpret_cast<std::uintptr_t>(t.ptrs[l]));
+    t.base.push_back(reinterpret_cast<std::uintptr_t>(t.values[l]));
+  }
+  // Two tensors of e bytes share a byte exactly when they start less than e bytes apart.
+  for (std::size_t i = 0; i < t.base.size(); ++i)
+    for (std::size_t j = i + 1; j < t.base.size(); ++j)
+      if (std::max(t.base[i], t.base[j]) - std::min(t.base[i], t.base[j]) < e) t.overlapping.emplace_back(i, j);
+  t.disjoint = t.overlapping.empty();
+  return t;
+}
+
+tensors make_tensors(kvfuzz::reader& in, const shape& s) {
+  if (s.split) return make_split_tensors(in, s);
   tensors t;
   const auto ext = s.extent();
   const std::size_t layers = s.g.num_layers;
@@ -92,7 +246,9 @@ tensors make_tensors(kvfuzz::reader& in, const layout_shape& s) {
   if (mode >= 246 && mode < 250) ++count;
   const bool null_one = mode >= 250 && mode < 253;
   const bool aliased = mode >= 253 && !s.one_tensor() && layers > 1;
-  if (count > 64) {  // a huge layer count: the factory must reject the mismatch or cope with it
+  // A huge layer count: the factory must reject the mismatch or cope with it. Only past 64 layers:
+  // 64 layers and a pointer extra get 65 pointers, not 64 stand-ins, a right count with no regions.
+  if (!s.one_tensor() && layers > 64) {
     t.ptrs.assign(std::min<std::size_t>(count, 64), stand_in);
     return t;
   }
@@ -125,7 +281,7 @@ tensors make_tensors(kvfuzz::reader& in, const layout_shape& s) {
 }
 
 // check_table's documented contract, independently.
-bool table_ok(const layout_shape& s, std::span<const std::int32_t> table, std::uint64_t tokens) {
+bool table_ok(const shape& s, std::span<const std::int32_t> table, std::uint64_t tokens) {
   const std::uint64_t need = (tokens + s.block_tokens - 1) / s.block_tokens;
   if (table.empty()) return need <= s.blocks();
   if (table.size() < need) return false;
@@ -135,7 +291,7 @@ bool table_ok(const layout_shape& s, std::span<const std::int32_t> table, std::u
 }
 
 // Whether a block appears twice among the entries for `tokens` tokens.
-bool named_twice(const layout_shape& s, std::span<const std::int32_t> table, std::uint64_t tokens) {
+bool named_twice(const shape& s, std::span<const std::int32_t> table, std::uint64_t tokens) {
   if (table.empty()) return false;
   const std::uint64_t need = std::min<std::uint64_t>(table.size(), (tokens + s.block_tokens - 1) / s.block_tokens);
   std::vector<std::int32_t> used(table.begin(), table.begin() + static_cast<std::ptrdiff_t>(need));
@@ -143,7 +299,7 @@ bool named_twice(const layout_shape& s, std::span<const std::int32_t> table, std
   return std::adjacent_find(used.begin(), used.end()) != used.end();
 }
 
-std::vector<std::int32_t> read_table(kvfuzz::reader& in, const layout_shape& s, std::uint64_t tokens) {
+std::vector<std::int32_t> read_table(kvfuzz::reader& in, const shape& s, std::uint64_t tokens) {
   const std::uint64_t need = (tokens + s.block_tokens - 1) / s.block_tokens;
   std::vector<std::int32_t> t;
   const std::uint8_t mode = in.u8() % 8;
@@ -173,7 +329,7 @@ struct segment {
 };
 
 // Where chunk byte `o` of `seg` must come from (store) or go to (retrieve), per the documented shape.
-KVFUZZ_ORACLE std::uint64_t expected_address(const layout_shape& s, const tensors& t, std::span<const std::int32_t> table,
+KVFUZZ_ORACLE std::uint64_t expected_address(const shape& s, const tensors& t, std::span<const std::int32_t> table,
                                const segment& seg, std::uint64_t o) {
   const std::uint64_t row = s.row(), hb = s.head_bytes();
   const std::uint64_t per_layer = std::uint64_t{s.g.kv_planes} * seg.count * row;
@@ -182,11 +338,10 @@ KVFUZZ_ORACLE std::uint64_t expected_address(const layout_shape& s, const tensor
   const std::uint64_t tok = seg.first + in_plane / row, i = in_plane % row;
   const std::uint64_t logical = tok / s.block_tokens;
   const std::uint64_t block = table.empty() ? logical : static_cast<std::uint64_t>(table[logical]);
-  const std::uint64_t region = s.one_tensor() ? t.base[0] : t.base[l];
-  return region + s.offset(l, p, block, tok % s.block_tokens, i / hb) + i % hb;
+  return t.base[s.region(l, p)] + s.offset(l, p, block, tok % s.block_tokens, i / hb) + i % hb;
 }
 
-KVFUZZ_ORACLE void check_layout(kvfuzz::reader& in, const layout_shape& s, const kvortex::kv_layout& lay, tensors& t) {
+KVFUZZ_ORACLE void check_layout(kvfuzz::reader& in, const shape& s, const kvortex::kv_layout& lay, tensors& t) {
   const std::uint64_t row = s.row();
   const std::uint64_t layers = s.g.num_layers;
   const std::uint64_t planes = s.g.kv_planes;
@@ -253,6 +408,7 @@ KVFUZZ_ORACLE void check_layout(kvfuzz::reader& in, const layout_shape& s, const
       seg_of_op.resize(ops.size(), k);
     }
 
+    kvfuzz::trace("    " + std::to_string(ops.size()) + " ops");
     // Every op row: its chunk side inside its chunk buffer, its cache side inside a layer tensor,
     // each chunk byte exactly once, each at the documented address.
     std::vector<std::uint64_t> written;  // cache bytes a retrieve writes
@@ -368,12 +524,30 @@ KVFUZZ_ORACLE void check_layout(kvfuzz::reader& in, const layout_shape& s, const
 }
 
 // layers_disjoint() against the elements themselves: never disjoint when two layers share a byte.
-KVFUZZ_ORACLE void check_disjoint(const layout_shape& s, const kvortex::kv_layout& lay, const tensors& t) {
+KVFUZZ_ORACLE void check_disjoint(const shape& s, const kvortex::kv_layout& lay, const tensors& t) {
   const auto dest = lay.check_destination();
   KVFUZZ_CHECK(dest.has_value() == lay.layers_disjoint(), "check_destination() and layers_disjoint() disagree");
   if (!dest) {
     kvfuzz::check_error(dest.error(), "check_destination");
     KVFUZZ_CHECK(dest.error().code == kvortex::errc::invalid_layout, dest.error().what());
+  }
+  if (s.split) {
+    // Each tensor is packed, so tensors share a byte exactly when their elements do: the answer
+    // is exact both ways, whatever the addresses (fake ones included), and names two that do.
+    KVFUZZ_CHECK(lay.layers_disjoint() == t.overlapping.empty(),
+                 "split_kv: layers_disjoint() is " + std::string(lay.layers_disjoint() ? "true" : "false") + " but " +
+                     (t.overlapping.empty() ? "no two tensors share a byte"
+                                            : split_name(t.overlapping[0].first) + " and " +
+                                                  split_name(t.overlapping[0].second) + " do"));
+    if (!dest) {
+      const std::string& m = dest.error().message;
+      const bool named = std::any_of(t.overlapping.begin(), t.overlapping.end(), [&](const auto& pr) {
+        const std::string a = split_name(pr.first), b = split_name(pr.second);
+        return m.find(a + " and " + b + " overlap") != std::string::npos ||
+               m.find(b + " and " + a + " overlap") != std::string::npos;
+      });
+      KVFUZZ_CHECK(named, "split_kv: check_destination names no two tensors that overlap: " + m);
+    }
   }
   if (t.base.empty()) return;
   // Separate tensors, and the layers of one cross-layer tensor, never share a byte.
@@ -388,39 +562,57 @@ KVFUZZ_ORACLE void check_disjoint(const layout_shape& s, const kvortex::kv_layou
     for (std::uint64_t p = 0; p < s.g.kv_planes; ++p)
       for (std::uint64_t b = 0; b < s.blocks(); ++b)
         for (std::uint64_t tk = 0; tk < s.block_tokens; ++tk)
-          for (std::uint64_t h = 0; h < s.g.kv_heads; ++h) spans.emplace_back(t.base[l] + s.offset(l, p, b, tk, h), l);
+          for (std::uint64_t h = 0; h < s.g.kv_heads; ++h)
+            spans.emplace_back(t.base[s.region(l, p)] + s.offset(l, p, b, tk, h), l);
   std::sort(spans.begin(), spans.end());
   bool shared = false;
   for (std::size_t i = 1; i < spans.size() && !shared; ++i) shared = spans[i - 1].first + hb > spans[i].first;
   if (shared)
     KVFUZZ_CHECK(!lay.layers_disjoint(), lay.kind() + ": layers_disjoint() is true but two layers share a byte");
+  // The model's own premise, element by element: split_kv's tensors overlap where elements do.
+  if (s.split)
+    KVFUZZ_CHECK(shared == !t.overlapping.empty(), "the split_kv model: tensor overlap differs from element overlap");
 }
 
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   kvfuzz::reader in(data, size);
-  const layout_shape s = read_shape(in);
+  const shape s = read_shape(in);
   // Open: cross_layer allocates a pointer per layer and computes each layer's address before it
   // validates the sizes (a huge layer count exhausts memory; a zero size lets the rest wrap).
   if (s.one_tensor() && (s.g.num_layers > 65536 || !s.documented_valid() || !s.extent()) &&
       kvfuzz::avoid("cross_layer_unchecked"))
     return 0;
   tensors t = make_tensors(in, s);
-  const auto lay = s.build(t.ptrs);
+  const auto lay = s.build(t.ptrs, t.values);
   if (kvfuzz::tracing())
     kvfuzz::trace("kind " + std::to_string(static_cast<int>(s.kind)) + ": " + std::to_string(s.g.num_layers) + " layers x " +
                   std::to_string(s.g.kv_planes) + " planes x " + std::to_string(s.g.kv_heads) + " heads x " +
                   std::to_string(s.g.head_dim) + " x " + std::to_string(s.g.element_bytes) + " B, " +
                   std::to_string(s.num_blocks) + " blocks of " + std::to_string(s.block_tokens) + ", " +
-                  std::to_string(t.ptrs.size()) + " pointers" + (t.real ? "" : " (stand-ins)") + ": " +
+                  std::to_string(t.ptrs.size()) + " pointers" +
+                  (s.split ? " and " + std::to_string(t.values.size()) + " value pointers" : "") +
+                  (t.real ? "" : " (stand-ins)") + ": " +
                   (lay ? "accepted" : lay.error().what()));
+  if (kvfuzz::tracing() && s.split && !t.base.empty()) {
+    std::string at;
+    const std::uint64_t low = *std::min_element(t.base.begin(), t.base.end());
+    for (std::size_t i = 0; i < t.base.size(); ++i) at += " " + split_name(i) + "@" + std::to_string(t.base[i] - low);
+    kvfuzz::trace("  " + std::to_string(t.extent) + "-byte tensors" + at + ", " + std::to_string(t.overlapping.size()) +
+                  " overlapping pairs");
+  }
 
   const std::size_t regions = s.one_tensor() ? 1 : s.g.num_layers;
-  // cross_layer takes the first pointer as the tensor's base and nothing else.
-  const bool pointers_ok = s.one_tensor()
-                               ? !t.ptrs.empty() && t.ptrs[0] != nullptr
-                               : t.ptrs.size() == regions && std::none_of(t.ptrs.begin(), t.ptrs.end(), [](std::byte* p) { return p == nullptr; });
+  const auto none_null = [](const std::vector<std::byte*>& v) {
+    return std::none_of(v.begin(), v.end(), [](std::byte* p) { return p == nullptr; });
+  };
+  // cross_layer takes the first pointer as the tensor's base and nothing else; split_kv one key
+  // and one value tensor per layer.
+  const bool pointers_ok = s.one_tensor() ? !t.ptrs.empty() && t.ptrs[0] != nullptr
+                           : s.split      ? t.ptrs.size() == regions && t.values.size() == regions &&
+                                           none_null(t.ptrs) && none_null(t.values)
+                                          : t.ptrs.size() == regions && none_null(t.ptrs);
   if (!lay) {
     kvfuzz::check_error(lay.error(), "a layout factory");
     KVFUZZ_CHECK(lay.error().code == kvortex::errc::invalid_layout, lay.error().what());
@@ -439,6 +631,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   KVFUZZ_CHECK(lay->num_layers() == s.g.num_layers, "num_layers() " + std::to_string(lay->num_layers()));
   KVFUZZ_CHECK(lay->num_blocks() == s.blocks() && lay->block_tokens() == s.block_tokens, "blocks differ from the ones given");
   KVFUZZ_CHECK(lay->whole_blocks_only() == (s.kind == layout_kind::pages), "whole_blocks_only() on " + lay->kind());
+  if (s.split) {
+    const auto keys = lay->layers();
+    KVFUZZ_CHECK(std::equal(keys.begin(), keys.end(), t.ptrs.begin(), t.ptrs.end()), "split_kv: layers() are not the key tensors");
+  }
   KVFUZZ_CHECK(!lay->kind().empty(), "an empty kind()");
   KVFUZZ_CHECK(s.kind == layout_kind::strided || s.documented_valid(), lay->kind() + " accepted a shape its docs exclude");
   const auto ext = s.extent();

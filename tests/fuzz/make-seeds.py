@@ -79,6 +79,37 @@ def layout_seeds():
 # heads, head_dim, element_bytes (0..3: 1 << v), block_tokens, chunk selector (< 224: a multiple
 # of block_tokens) and multiple, capacity selector (< 224: chunks) and chunks, spare flag,
 # partial, thread selector (< 224: below(9)), parallel bytes, batch bytes, numa node.
+    # split_kv: kind byte 248 (NHD) or 249 (HND); the pointer mode is the counts byte, followed by
+    # a placement byte (0: apart; 128: back to back in a Fisher-Yates order, then a gap byte per
+    # tensor; 192: anywhere, an offset per tensor; 224: values on keys; 240: all at one address).
+    SPLIT_NHD, SPLIT_HND = 248, 249
+    split = lambda kind, layers, heads, dim, eb, blocks, bt, counts=0, place=(0,), planes=0, rounds=(): \
+        [kind, layers, planes, heads, dim, eb, blocks, bt, counts] + list(place) + list(rounds)
+    w("split-kv-nhd", split(SPLIT_NHD, 2, 2, 8, 2, 6, 4, rounds=one_round(3, 9, 2, True)))
+    w("split-kv-hnd", split(SPLIT_HND, 3, 3, 4, 1, 5, 4, rounds=one_round(1, 13, 2, False)))
+    # k0 v0 k1 v1 back to back: storing the whole cache is one op across all four tensors
+    w("split-kv-interleaved-adjacent", split(SPLIT_NHD, 2, 1, 4, 2, 4, 4, place=[128, 3, 2, 1, 0, 0, 0, 0],
+                                             rounds=one_round(0, 16, 0, True)))
+    w("split-kv-keys-then-values", split(SPLIT_HND, 2, 2, 2, 2, 4, 4, place=[128, 3, 1, 1, 0, 0, 0, 0],
+                                         rounds=one_round(0, 16, 1, False)))
+    w("split-kv-one-byte-shared", split(SPLIT_NHD, 2, 2, 4, 1, 3, 4, place=[128, 3, 2, 1, 96, 96, 96, 96],
+                                        rounds=one_round(2, 8, 2, True)))
+    w("split-kv-values-are-keys", split(SPLIT_HND, 2, 2, 4, 2, 3, 4, place=[224], rounds=one_round(0, 12, 1, True)))
+    w("split-kv-all-equal", split(SPLIT_NHD, 3, 1, 8, 1, 4, 2, place=[240], rounds=one_round(1, 6, 2, False)))
+    w("split-kv-arena", split(SPLIT_NHD, 2, 2, 4, 2, 4, 2, place=[192, 0x10, 0, 0x80, 0, 0x33, 1, 0x00, 2],
+                              rounds=one_round(0, 8, 2, True)))
+    w("split-kv-keys-short", split(SPLIT_NHD, 2, 2, 8, 2, 6, 4, counts=224))
+    w("split-kv-values-extra", split(SPLIT_HND, 2, 2, 8, 2, 6, 4, counts=244))
+    w("split-kv-both-short", split(SPLIT_NHD, 3, 2, 8, 2, 6, 4, counts=248))
+    w("split-kv-null-value", split(SPLIT_NHD, 2, 2, 8, 2, 6, 4, counts=252, place=[0, 1, 1]))
+    w("split-kv-one-plane", split(SPLIT_NHD, 2, 2, 8, 2, 6, 4, planes=225))
+    w("split-kv-three-planes", split(SPLIT_HND, 2, 2, 8, 2, 6, 4, planes=227))
+    # 2^36 blocks of 2 tokens (1 TiB tensors): fake, disjoint addresses, never dereferenced
+    w("split-kv-huge-blocks", [SPLIT_HND, 1, 0, 2, 4, 1, 241, 36, 2, 0, 0] + [1, 1, 0, 0x10, 64, 0, 1, 5, 0, 0, 0])
+    # 64 layers and one pointer extra: 65 real tensors (a count the factory must refuse)
+    w("sixty-four-layers-one-pointer-extra", [FLASH_NHD, 0xF1, 6, 1, 1, 1, 1, 1, 1, 246, 0, 0, 0, 1, 0, 0, 0, 0, 1])
+
+
 def config_seed(layers, planes, heads, dim, eb_log, bt, chunk_mult, cap_chunks, partial=0, threads=1,
                 parallel=0, batch=0, tp=(1, 0), model=b"m", thread_raw=None, chunk_raw=None):
     data = [len(model)] + list(model) + [0, 0, 0]

@@ -1,6 +1,8 @@
 """kvortex.integrations.transformers on a real transformers Llama model on the GPU (random bf16
 weights, nothing downloaded): the prefix KV saved after a prefill and restored into a DynamicCache
-gives first-token logits bitwise equal to running the tail on the original prefill's cache.
+gives first-token logits bitwise equal to running the tail on the original prefill's cache; under
+continuous batching (generate_batch), prefixes restored into a fresh PagedAttentionCache give the
+same tokens and log-probabilities as transformers' own GPU prefix cache holding them.
 Skipped without PyTorch with CUDA, transformers, a GPU or a CUDA build of kvortex."""
 
 import pytest
@@ -12,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 if not kvortex.has_cuda or not torch.cuda.is_available():
     pytest.skip("needs a CUDA build of kvortex, PyTorch with CUDA and a GPU", allow_module_level=True)
 
-from kvortex.integrations.transformers import PrefixStore, engine_settings  # noqa: E402
+from kvortex.integrations.transformers import PagedCacheStore, PrefixStore, engine_settings  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +59,89 @@ def test_engine_geometry_must_match_the_model(model):
     with kvortex.Engine(settings, stack="gpu") as engine:
         with pytest.raises(ValueError, match="KV heads"):
             PrefixStore(engine, cfg)
+
+
+def _cb(**kw):
+    # Sizes given, not inferred from each call's workload: a persistent manager keeps the first call's.
+    settings = dict(block_size=32, num_blocks=256, max_batch_tokens=1024, max_requests_per_batch=16,
+                    use_cuda_graph=False, use_async_batching=False, return_logprobs=True)
+    settings.update(kw)
+    return transformers.ContinuousBatchingConfig(**settings)
+
+
+def _gen():
+    return transformers.GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=-1)
+
+
+def _prompts(cfg, shared, tail, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(0, cfg.vocab_size, (shared,), generator=g).tolist()
+    return [prefix + torch.randint(0, cfg.vocab_size, (tail,), generator=g).tolist() for _ in range(n + 1)]
+
+
+def _results(out, n):
+    assert len(out) == n
+    for r in out.values():
+        assert r.error is None, r.error
+    return [(list(r.generated_tokens), list(r.logprobs)) for r in out.values()]
+
+
+@torch.no_grad()
+def test_continuous_batching_restores_prefixes_into_a_fresh_paged_cache(model):
+    cfg = model.config
+    warm, *prompts = _prompts(cfg, 256, 40, 5, 1)
+
+    # Reference: transformers' GPU prefix cache, warmed by one request sharing the prefix.
+    model.generate_batch([warm], generation_config=_gen(), continuous_batching_config=_cb(), persistent_manager=True)
+    ref = _results(model.generate_batch(prompts, generation_config=_gen(), continuous_batching_config=_cb(),
+                                        persistent_manager=True), len(prompts))
+    model.destroy_cached_continuous_batching_manager()
+
+    with kvortex.Engine(engine_settings(cfg, capacity_bytes="256MiB", chunk_tokens=64), stack="gpu") as engine:
+        store = PagedCacheStore(engine, cfg)
+        with store.installed():
+            model.generate_batch([warm], generation_config=_gen(), continuous_batching_config=_cb())
+            store.flush()
+            first = store.stats()
+            assert first["disabled"] == "" and first["restored_tokens"] == 0
+            # The warm request's whole chunks: 296 prompt + 6 generated tokens complete 9 blocks of 32, 4 chunks of 64.
+            assert first["stored_tokens"] == 256 and engine.stats()["stored_chunks"] == 4
+            # A fresh manager, so a cold GPU cache: the prefix comes from KVortex.
+            got = _results(model.generate_batch(prompts, generation_config=_gen(), continuous_batching_config=_cb()),
+                           len(prompts))
+        st = store.stats()
+        # The first request restores the prefix; the others then share its blocks on the GPU.
+        assert st["restored_requests"] == 1 and st["restored_tokens"] == 256
+        assert st["short_restores"] == 0 and st["store_errors"] == 0
+        assert got == ref
+
+        # Another tenant's salt sees none of it: it computes the prefix and stores it under its own keys.
+        chunks = engine.stats()["stored_chunks"]
+        other = PagedCacheStore(engine, cfg, salt=b"tenant-b")
+        with other.installed():
+            _results(model.generate_batch(prompts, generation_config=_gen(), continuous_batching_config=_cb()),
+                     len(prompts))
+        other.flush()
+        assert other.stats()["lookups"] >= 1 and other.stats()["restored_tokens"] == 0
+        assert engine.stats()["stored_chunks"] >= chunks + 4
+
+
+@torch.no_grad()
+def test_continuous_batching_without_prefix_sharing_leaves_the_cache_alone(model):
+    cfg = model.config
+    prompts = _prompts(cfg, 128, 20, 2, 3)
+    with kvortex.Engine(engine_settings(cfg, capacity_bytes="64MiB", chunk_tokens=64), stack="gpu") as engine:
+        store = PagedCacheStore(engine, cfg)
+        with store.installed():
+            out = _results(model.generate_batch(prompts, generation_config=_gen(),
+                                                continuous_batching_config=_cb(allow_block_sharing=False)), len(prompts))
+        assert all(len(t) == 6 for t, _ in out)
+        st = store.stats()
+        assert "does not share prefixes" in st["disabled"]
+        assert st["lookups"] == 0 and st["stored_tokens"] == 0 and engine.stats()["stored_chunks"] == 0
+
+    settings = engine_settings(cfg, capacity_bytes="64MiB", chunk_tokens=64)
+    settings["geometry"]["head_dim"] = 32
+    with kvortex.Engine(settings, stack="gpu") as engine:
+        with pytest.raises(ValueError, match="head"):
+            PagedCacheStore(engine, cfg)

@@ -17,11 +17,24 @@ builds the ``DynamicCache`` from views of it: each layer's K and V are contiguou
 ``[1, kv_heads, tokens, head_dim]`` tensors, as transformers makes them, and nothing is copied. Only whole chunks are kept, and the last prompt token
 is always left to the model, so the forward pass over the tail yields the next token's logits.
 Batch size 1 per call. PyTorch is imported here, not by ``kvortex`` itself.
+
+``PagedCacheStore`` does the same under continuous batching (``generate_batch``, its
+``PagedAttentionCache``): while ``installed()`` is active, the paged caches transformers creates
+look a request's prefix up in KVortex beyond what its own GPU prefix cache holds, restore those
+blocks into the paged cache, and store every block a forward pass completes::
+
+    store = PagedCacheStore(engine, model.config)
+    with store.installed():
+        outputs = model.generate_batch(prompts, generation_config=gen)
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+import contextlib
+import logging
+import math
+import threading
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -158,3 +171,222 @@ class PrefixStore:
         except TypeError:
             cache = DynamicCache(ddp_cache_data=pairs)
         return cache, got
+
+
+_log = logging.getLogger("kvortex.integrations.transformers")
+
+
+class PagedCacheStore:
+    """KVortex below transformers' continuous batching (`generate_batch`, `init_continuous_batching`,
+    `continuous_batching_context_manager`), over its `PagedAttentionCache`: per layer separate K and
+    V tensors `[(num_blocks + 2) * block_size, kv_heads, head_dim]` (a `split_kv_layout`), block
+    tables per request, and a GPU-only prefix cache.
+
+    transformers has no public hook for an external KV store, so `installed()` swaps the
+    `PagedAttentionCache` class that `continuous_api` creates for a subclass with three overrides
+    (transformers 5.17):
+
+    - `search_prefix_match(request_id, prompt_ids)`, which the scheduler calls once when a new
+      request is first scheduled: after transformers' own GPU match, the rest of the prompt (all but
+      its last token) is looked up in KVortex; blocks are allocated for the part found beyond the
+      GPU match, restored into the paged cache (synchronously, before the request's first forward
+      pass), marked complete (so transformers' prefix cache shares them too), and the match
+      returned covers them. A restore that comes back short (a chunk evicted or a tier failing
+      since the lookup) keeps what arrived, whole blocks only, and frees the rest.
+    - `mark_shareable_blocks_as_complete(state, n)`, called after each forward pass: the request's
+      leading complete blocks, in whole chunks, are stored (chunks KVortex holds are skipped).
+    - `free_blocks(request_id)`: waits for that request's stores before its blocks can be reused.
+
+    Hits are whole chunks and whole blocks (the least common multiple of `engine.chunk_tokens`
+    and the cache's `block_size`). The engine's geometry must match the model's KV (see
+    `engine_settings`). Caches that do not share prefixes (`allow_block_sharing=False`, sliding
+    window layers) or run tensor parallel are left as they are, with a warning, and
+    `stats()["disabled"]` says why. `salt` (bytes) separates this store's keys from every other
+    prompt's, e.g. per tenant."""
+
+    def __init__(self, engine: kvortex.Engine, config: Any, *, salt: Optional[bytes] = None):
+        self.engine = engine
+        self.config = config
+        self.layers, self.heads, self.dim = _kv_shape(config)
+        g = engine.geometry
+        if (g["num_layers"], g["kv_heads"], g["head_dim"]) != (self.layers, self.heads, self.dim):
+            raise ValueError(f"PagedCacheStore: the engine holds {g['num_layers']} layers x {g['kv_heads']} KV heads x "
+                             f"{g['head_dim']}, the model has {self.layers} x {self.heads} x {self.dim}")
+        self.chunk = engine.chunk_tokens
+        self.salt = salt
+        self._lock = threading.Lock()
+        self._pending: Dict[str, List[Any]] = {}  # request id -> store tickets still reading its blocks
+        self._stored_upto: Dict[str, int] = {}
+        self._stats = {"lookups": 0, "lookup_hit_tokens": 0, "restored_tokens": 0, "restored_requests": 0,
+                       "short_restores": 0, "no_free_blocks": 0, "stored_tokens": 0, "store_errors": 0,
+                       "disabled": ""}
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters: lookups made, tokens they found beyond the GPU match, tokens and requests
+        restored, restores that came back short, hits dropped for want of free blocks, tokens newly
+        stored, stores that failed, and why the store is disabled ("" when it is not)."""
+        with self._lock:
+            return dict(self._stats)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["PagedCacheStore"]:
+        """Paged caches transformers creates inside this block use KVortex (and keep using it
+        afterwards, e.g. a persistent manager's)."""
+        from transformers.generation.continuous_batching import continuous_api
+
+        original = continuous_api.PagedAttentionCache
+        continuous_api.PagedAttentionCache = self._cache_class(original)
+        try:
+            yield self
+        finally:
+            continuous_api.PagedAttentionCache = original
+
+    def flush(self) -> None:
+        """Waits for every store still in flight."""
+        with self._lock:
+            pending = [t for ts in self._pending.values() for t in ts]
+            self._pending.clear()
+        for t in pending:
+            self._wait_store(t)
+
+    # -- the overrides' bodies ------------------------------------------------------------------
+
+    def _cache_class(self, base: type) -> type:
+        store = self
+
+        class KVortexPagedAttentionCache(base):  # type: ignore[misc, valid-type]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                helper = kwargs.get("distributed_helper", args[3] if len(args) > 3 else None)
+                self._kvortex_layout = store._bind(self, getattr(helper, "tp_size", 1))
+
+            def search_prefix_match(self, request_id: str, prompt_ids: List[int]) -> int:
+                matched = super().search_prefix_match(request_id, prompt_ids)
+                if self._kvortex_layout is None:
+                    return matched
+                return store._extend_match(self, request_id, prompt_ids, matched)
+
+            def mark_shareable_blocks_as_complete(self, state: Any, num_complete_blocks: int) -> None:
+                super().mark_shareable_blocks_as_complete(state, num_complete_blocks)
+                if self._kvortex_layout is not None:
+                    store._store_complete(self, state)
+
+            def free_blocks(self, request_id: str) -> None:
+                store._before_free(request_id)
+                super().free_blocks(request_id)
+
+        KVortexPagedAttentionCache.__qualname__ = f"KVortex{base.__qualname__}"
+        return KVortexPagedAttentionCache
+
+    def _disable(self, why: str) -> None:
+        _log.warning("kvortex PagedCacheStore disabled: %s", why)
+        with self._lock:
+            self._stats["disabled"] = why
+
+    def _bind(self, cache: Any, tp_size: int) -> Optional[kvortex.Layout]:
+        if not cache.use_prefix_sharing:
+            self._disable("the paged cache does not share prefixes (allow_block_sharing off, or sliding-window layers)")
+            return None
+        if tp_size > 1:
+            self._disable(f"tensor parallel caches (tp_size {tp_size}) need one engine per rank")
+            return None
+        if len(cache.key_cache) != self.layers or cache.num_key_value_heads != self.heads or cache.head_dim != self.dim:
+            raise ValueError(f"PagedCacheStore: the paged cache holds {len(cache.key_cache)} layers x "
+                             f"{cache.num_key_value_heads} KV heads x {cache.head_dim}, the engine {self.layers} x "
+                             f"{self.heads} x {self.dim}")
+        element = cache.key_cache[0].element_size()
+        if element != self.engine.geometry["element_bytes"]:
+            raise ValueError(f"PagedCacheStore: the paged cache has {element}-byte elements, the engine "
+                             f"{self.engine.geometry['element_bytes']}")
+        self._block = int(cache.block_size)
+        self._unit = self.chunk * self._block // math.gcd(self.chunk, self._block)
+        return kvortex.split_kv_layout(cache.key_cache, cache.value_cache, block_tokens=self._block)
+
+    def _count(self, **delta: int) -> None:
+        with self._lock:
+            for k, v in delta.items():
+                self._stats[k] += v
+
+    def _extend_match(self, cache: Any, request_id: str, prompt_ids: List[int], matched: int) -> int:
+        block, unit = self._block, self._unit
+        limit = len(prompt_ids) - 1  # the model computes at least the last prompt token
+        if limit - matched < unit:
+            return matched
+        ids = torch.tensor(prompt_ids[:limit], dtype=torch.int64).numpy()
+        found = self.engine.lookup(ids, salt=self.salt)
+        hit = (min(found, limit) // unit) * unit
+        self._count(lookups=1, lookup_hit_tokens=max(hit - matched, 0))
+        if hit <= matched:
+            return matched
+        cm = cache.group_cache_managers[0]
+        first_new = matched // block
+        want = hit // block - first_new
+        if cm.allocate_blocks(want, request_id, cache._block_manager) is None:
+            self._count(no_free_blocks=1)
+            return matched
+        blocks = cm.block_table[request_id]
+        table = [-1] * first_new + blocks[first_new:first_new + want]
+        try:
+            got = self.engine.retrieve(ids[:hit], cache._kvortex_layout, table, salt=self.salt).wait()
+        except kvortex.Error as e:
+            _log.warning("kvortex restore of request %s failed: %s", request_id, e)
+            got = 0
+        usable = max((got // block) * block, matched)
+        keep = usable // block
+        if keep < first_new + want:  # blocks that did not come up go back, incomplete
+            extra = blocks[keep:]
+            del blocks[keep:]
+            cache._block_manager.free_blocks(extra, shareable=cm.uses_block_sharing)
+            self._count(short_restores=1)
+        if usable > matched:
+            cache._block_manager.mark_shareable_blocks_as_complete(
+                num_complete_blocks=keep - first_new, allocated_blocks=blocks, prompt_ids=prompt_ids)
+            self._count(restored_tokens=usable - matched, restored_requests=1)
+            with self._lock:
+                self._stored_upto[request_id] = usable
+        return usable
+
+    def _store_complete(self, cache: Any, state: Any) -> None:
+        rid = state.request_id
+        blocks = cache.group_cache_managers[0].block_table.get(rid)
+        if not blocks:
+            return
+        by_id = cache._block_manager._id_to_block
+        complete = 0
+        for b in blocks:
+            entry = by_id.get(b)
+            if entry is None or not entry.is_complete:
+                break
+            complete += 1
+        tokens = ((complete * self._block) // self.chunk) * self.chunk
+        with self._lock:
+            if tokens <= self._stored_upto.get(rid, 0):
+                return
+            self._stored_upto[rid] = tokens
+        seq = state.initial_tokens + state.generated_tokens
+        if len(seq) < tokens:
+            return
+        ids = torch.tensor(seq[:tokens], dtype=torch.int64).numpy()
+        table = blocks[: tokens // self._block]
+        try:
+            ticket = self.engine.store(ids, cache._kvortex_layout, table, salt=self.salt)
+        except kvortex.Error as e:
+            _log.warning("kvortex store of request %s failed: %s", rid, e)
+            self._count(store_errors=1)
+            return
+        with self._lock:
+            self._pending.setdefault(rid, []).append(ticket)
+
+    def _wait_store(self, ticket: Any) -> None:
+        try:
+            self._count(stored_tokens=ticket.wait())
+        except kvortex.Error as e:
+            _log.warning("kvortex store failed: %s", e)
+            self._count(store_errors=1)
+
+    def _before_free(self, request_id: str) -> None:
+        with self._lock:
+            pending = self._pending.pop(request_id, [])
+            self._stored_upto.pop(request_id, None)
+        for t in pending:
+            self._wait_store(t)
