@@ -52,6 +52,28 @@ def test_restored_prefix_gives_the_same_first_token_logits(model):
         assert stats["stored_chunks"] == prefix // 64
 
 
+@torch.no_grad()
+def test_layer_by_layer_save_during_the_prefill(model):
+    cfg = model.config
+    with kvortex.Engine(engine_settings(cfg, capacity_bytes="512MiB", chunk_tokens=64), stack="gpu") as engine:
+        store = PrefixStore(engine, cfg)
+        prompt = torch.randint(0, cfg.vocab_size, (1, 300), device="cuda")
+        prefix = 256
+        saving = store.saving_cache(prompt[0, :prefix + 10])  # whole chunks only: 256 of the 266 tokens
+        out = model(prompt[:, :prefix + 10], past_key_values=saving, use_cache=True)
+        assert out.past_key_values is saving
+        assert store.flush() == prefix
+        assert engine.stats()["stored_chunks"] == prefix // 64
+        # The stored KV is the prefill's, byte for byte.
+        cache, hit = store.restore(prompt[0])
+        assert hit == prefix
+        for a, b in zip(cache.layers, saving.layers):
+            assert torch.equal(a.keys, b.keys[..., :prefix, :]) and torch.equal(a.values, b.values[..., :prefix, :])
+        # Decode steps after the prefill store nothing more.
+        model(prompt[:, prefix + 10:prefix + 11], past_key_values=saving, use_cache=True)
+        assert store.flush() == 0 and engine.stats()["stored_chunks"] == prefix // 64
+
+
 def test_engine_geometry_must_match_the_model(model):
     cfg = model.config
     settings = engine_settings(cfg, capacity_bytes="64MiB", chunk_tokens=64)

@@ -10,8 +10,9 @@ uncached tail only.
     cache, hit = store.restore(input_ids[0])           # later: (DynamicCache or None, tokens restored)
     out = model(input_ids[:, hit:], past_key_values=cache, use_cache=True)
 
-transformers has no hook that hands a layer's KV out while the prefill computes it, so ``save``
-runs after the forward pass (one store of every layer, through a staging tensor); ``restore`` fills
+``save`` stores after the forward pass (one store of every layer, through a staging tensor);
+``saving_cache(input_ids)`` is a ``DynamicCache`` to pass to the prefill instead, which stores each
+layer as the forward pass computes it (from its ``update``), overlapped with the later layers; ``restore`` fills
 a staging tensor ``[layers, 2, kv_heads, tokens, head_dim]`` through one layer-by-layer retrieve and
 builds the ``DynamicCache`` from views of it: each layer's K and V are contiguous
 ``[1, kv_heads, tokens, head_dim]`` tensors, as transformers makes them, and nothing is copied. Only whole chunks are kept, and the last prompt token
@@ -125,8 +126,53 @@ class PrefixStore:
             return 0
         return ticket.wait()
 
+    def saving_cache(self, input_ids: Any) -> Any:
+        """A `DynamicCache` that stores the whole chunks of `input_ids` layer by layer while the
+        forward pass computes them: pass it as `past_key_values` to the prefill. When the forward
+        pass has written layer i's KV for those tokens (its `update`), they are copied into a
+        staging tensor on the current stream and layer i's store is submitted after that stream's
+        event, so the copies to host memory overlap the later layers' compute and the first token
+        does not wait for them. `flush()` waits for the stores. Batch size 1."""
+        from transformers import DynamicCache
+
+        ids = self._ids(input_ids)
+        n = (len(ids) // self.chunk) * self.chunk
+        store = self
+
+        class _SavingCache(DynamicCache):
+            def update(self, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any):
+                keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+                store._save_layer(self, layer_idx, keys, values)
+                return keys, values
+
+        cache = _SavingCache(config=self.config)
+        cache._kvortex_save = {"ids": ids[:n], "n": n, "op": None, "staging": None, "done": set()}
+        return cache
+
+    def _save_layer(self, cache: Any, layer: int, keys: Any, values: Any) -> None:
+        st = cache._kvortex_save
+        n = st["n"]
+        if n == 0 or layer in st["done"] or keys.shape[0] != 1 or keys.shape[2] < n:
+            return
+        if st["op"] is None:
+            st["staging"] = self._staging(n, keys)
+            st["op"] = self.engine.begin_store(st["ids"], self._layout(st["staging"]))
+        st["staging"][layer, 0].copy_(keys[0, :, :n])
+        st["staging"][layer, 1].copy_(values[0, :, :n])
+        event = 0
+        if keys.is_cuda:
+            ev = torch.cuda.Event()
+            ev.record()
+            st.setdefault("events", []).append(ev)  # alive until the store is done
+            event = ev.cuda_event
+        st["op"].submit_layer(layer, event=event)
+        st["done"].add(layer)
+        if len(st["done"]) == self.layers:
+            self._pending.append((st["op"].finish(), (st["staging"], st.get("events"))))
+            st["op"] = None
+
     def flush(self) -> int:
-        """Waits for the stores `save(wait=False)` queued; returns the tokens they wrote."""
+        """Waits for the stores `save(wait=False)` and `saving_cache` queued; returns the tokens they wrote."""
         done = 0
         for ticket, _ in self._pending:
             done += ticket.wait()
