@@ -26,10 +26,11 @@ def model():
 
 
 @torch.no_grad()
-def test_restored_prefix_gives_the_same_first_token_logits(model):
+@pytest.mark.parametrize("staging", ["hnd", "nhd"])
+def test_restored_prefix_gives_the_same_first_token_logits(model, staging):
     cfg = model.config
     with kvortex.Engine(engine_settings(cfg, capacity_bytes="512MiB", chunk_tokens=64), stack="gpu") as engine:
-        store = PrefixStore(engine, cfg)
+        store = PrefixStore(engine, cfg, staging=staging)
         prompt = torch.randint(0, cfg.vocab_size, (1, 300), device="cuda")
         prefix = 256
         out = model(prompt[:, :prefix], use_cache=True)

@@ -68,11 +68,17 @@ def engine_settings(config: Any, *, capacity_bytes: Any, dtype: torch.dtype = to
 
 class PrefixStore:
     """Saves and restores a `DynamicCache`'s prompt prefix through a `kvortex.Engine` whose
-    geometry matches the model (see `engine_settings`)."""
+    geometry matches the model (see `engine_settings`). `staging` picks the staging tensor's
+    order: ``"hnd"`` (restored K and V are contiguous ``[1, kv_heads, tokens, head_dim]``, as
+    transformers makes them) or ``"nhd"`` (each chunk's K or V of a layer is one contiguous run, the
+    fastest copies; the restored tensors are transposed views of it)."""
 
-    def __init__(self, engine: kvortex.Engine, config: Any):
+    def __init__(self, engine: kvortex.Engine, config: Any, *, staging: str = "hnd"):
+        if staging not in ("hnd", "nhd"):
+            raise ValueError(f"PrefixStore: staging must be 'hnd' or 'nhd', got {staging!r}")
         self.engine = engine
         self.config = config
+        self.staging_order = staging
         self.layers, self.heads, self.dim = _kv_shape(config)
         g = engine.geometry
         if (g["num_layers"], g["kv_heads"], g["head_dim"]) != (self.layers, self.heads, self.dim):
@@ -90,12 +96,22 @@ class PrefixStore:
         return input_ids
 
     def _staging(self, tokens: int, like: torch.Tensor) -> torch.Tensor:
-        # [layers, K|V, heads, tokens, dim]: per layer one HND block holding every token.
-        return torch.empty((self.layers, 2, self.heads, tokens, self.dim), dtype=like.dtype, device=like.device)
+        # Per layer one block holding every token: [layers, K|V, heads, tokens, dim] (HND) or
+        # [layers, K|V, tokens, heads, dim] (NHD: a chunk's rows are one contiguous run per plane).
+        shape = (self.heads, tokens) if self.staging_order == "hnd" else (tokens, self.heads)
+        return torch.empty((self.layers, 2, *shape, self.dim), dtype=like.dtype, device=like.device)
+
+    def _plane(self, staging: torch.Tensor, layer: int, plane: int) -> torch.Tensor:
+        # A [heads, tokens, dim] view, as transformers keeps one sequence's K or V.
+        v = staging[layer, plane]
+        return v if self.staging_order == "hnd" else v.transpose(0, 1)
 
     def _layout(self, staging: torch.Tensor) -> kvortex.Layout:
-        # Seen as a FlashAttention cache of one block of `tokens` slots, stored HND.
-        views = [staging[i].unsqueeze(1).transpose(2, 3) for i in range(self.layers)]  # [2, 1, tokens, heads, dim]
+        # Seen as a FlashAttention cache of one block of `tokens` slots.
+        if self.staging_order == "hnd":
+            views = [staging[i].unsqueeze(1).transpose(2, 3) for i in range(self.layers)]  # [2, 1, tokens, heads, dim]
+        else:
+            views = [staging[i].unsqueeze(1) for i in range(self.layers)]
         return kvortex.flash_attn_layout(views)
 
     def save(self, input_ids: Any, cache: Any, *, wait: bool = True) -> int:
@@ -115,8 +131,8 @@ class PrefixStore:
             raise ValueError(f"PrefixStore.save: cache keys of shape {list(first.shape)} do not hold {n} tokens of one sequence")
         staging = self._staging(n, first)
         for i, layer in enumerate(layers):
-            staging[i, 0].copy_(layer.keys[0, :, :n])  # [heads, seq, dim]
-            staging[i, 1].copy_(layer.values[0, :, :n])
+            self._plane(staging, i, 0).copy_(layer.keys[0, :, :n])  # [heads, seq, dim]
+            self._plane(staging, i, 1).copy_(layer.values[0, :, :n])
         event = torch.cuda.Event() if staging.is_cuda else None
         if event is not None:
             event.record()
@@ -157,8 +173,8 @@ class PrefixStore:
         if st["op"] is None:
             st["staging"] = self._staging(n, keys)
             st["op"] = self.engine.begin_store(st["ids"], self._layout(st["staging"]))
-        st["staging"][layer, 0].copy_(keys[0, :, :n])
-        st["staging"][layer, 1].copy_(values[0, :, :n])
+        self._plane(st["staging"], layer, 0).copy_(keys[0, :, :n])
+        self._plane(st["staging"], layer, 1).copy_(values[0, :, :n])
         event = 0
         if keys.is_cuda:
             ev = torch.cuda.Event()
@@ -210,8 +226,9 @@ class PrefixStore:
         if got == 0:
             return None, 0
         if got < hit:  # a tier could not deliver everything: keep what came, contiguous
-            staging = staging[:, :, :, :got].contiguous()
-        pairs = [(staging[i, 0].unsqueeze(0), staging[i, 1].unsqueeze(0)) for i in range(self.layers)]
+            staging = (staging[:, :, :, :got] if self.staging_order == "hnd" else staging[:, :, :got]).contiguous()
+        pairs = [(self._plane(staging, i, 0).unsqueeze(0), self._plane(staging, i, 1).unsqueeze(0))
+                 for i in range(self.layers)]
         try:
             cache = DynamicCache(ddp_cache_data=pairs, config=self.config)
         except TypeError:
