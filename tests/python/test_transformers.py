@@ -150,6 +150,24 @@ def test_continuous_batching_restores_prefixes_into_a_fresh_paged_cache(model):
 
 
 @torch.no_grad()
+def test_continuous_batching_stores_the_prompt_of_a_one_token_generation(model):
+    cfg = model.config
+    prompts = _prompts(cfg, 128, 8, 1, 5)  # 136 tokens: the finishing forward computes 4 blocks of 32
+    one = transformers.GenerationConfig(max_new_tokens=1, do_sample=False, eos_token_id=-1)
+    with kvortex.Engine(engine_settings(cfg, capacity_bytes="64MiB", chunk_tokens=64), stack="gpu") as engine:
+        store = PagedCacheStore(engine, cfg, store_generated=False)
+        with store.installed():
+            with pytest.raises(RuntimeError, match="another PagedCacheStore"):
+                with PagedCacheStore(engine, cfg).installed():
+                    pass
+            _results(model.generate_batch(prompts[:1], generation_config=one, continuous_batching_config=_cb()), 1)
+            st = store.stats()
+            assert st["stored_tokens"] == 128 and engine.stats()["stored_chunks"] == 2
+            out = _results(model.generate_batch(prompts[1:], generation_config=one, continuous_batching_config=_cb()), 1)
+        assert store.stats()["restored_tokens"] == 128 and len(out[0][0]) == 1
+
+
+@torch.no_grad()
 def test_continuous_batching_without_prefix_sharing_leaves_the_cache_alone(model):
     cfg = model.config
     prompts = _prompts(cfg, 128, 20, 2, 3)

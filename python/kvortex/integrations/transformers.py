@@ -14,8 +14,8 @@ uncached tail only.
 ``saving_cache(input_ids)`` is a ``DynamicCache`` to pass to the prefill instead, which stores each
 layer as the forward pass computes it (from its ``update``), overlapped with the later layers; ``restore`` fills
 a staging tensor ``[layers, 2, kv_heads, tokens, head_dim]`` through one layer-by-layer retrieve and
-builds the ``DynamicCache`` from views of it: each layer's K and V are contiguous
-``[1, kv_heads, tokens, head_dim]`` tensors, as transformers makes them, and nothing is copied. Only whole chunks are kept, and the last prompt token
+builds the ``DynamicCache`` from it (transformers copies each layer's K and V into tensors of its
+own, ``[1, kv_heads, tokens, head_dim]``, so the staging tensor is freed afterwards). Only whole chunks are kept, and the last prompt token
 is always left to the model, so the forward pass over the tail yields the next token's logits.
 Batch size 1 per call. PyTorch is imported here, not by ``kvortex`` itself.
 
@@ -40,6 +40,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 
 import kvortex
+
+_log = logging.getLogger("kvortex.integrations.transformers")
 
 
 def _kv_shape(config: Any) -> Tuple[int, int, int]:
@@ -71,7 +73,7 @@ class PrefixStore:
     geometry matches the model (see `engine_settings`). `staging` picks the staging tensor's
     order: ``"hnd"`` (restored K and V are contiguous ``[1, kv_heads, tokens, head_dim]``, as
     transformers makes them) or ``"nhd"`` (each chunk's K or V of a layer is one contiguous run, the
-    fastest copies; the restored tensors are transposed views of it)."""
+    fastest copies). Either way transformers copies the restored K and V into its own tensors."""
 
     def __init__(self, engine: kvortex.Engine, config: Any, *, staging: str = "hnd"):
         if staging not in ("hnd", "nhd"):
@@ -85,7 +87,9 @@ class PrefixStore:
             raise ValueError(f"PrefixStore: the engine holds {g['num_layers']} layers x {g['kv_heads']} KV heads x "
                              f"{g['head_dim']}, the model has {self.layers} x {self.heads} x {self.dim}")
         self.chunk = engine.chunk_tokens
-        self._pending = []  # (ticket, staging): stores still reading their staging tensors
+        self._pending: List[Any] = []  # (ticket, staging): stores still reading their staging tensors
+        self._reaped = 0  # tokens of saves done before a flush saw them
+        self._errors: List[Exception] = []
 
     @staticmethod
     def _ids(input_ids: Any) -> Any:
@@ -138,9 +142,24 @@ class PrefixStore:
             event.record()
         ticket = self.engine.store(ids[:n], self._layout(staging), None, event.cuda_event if event is not None else 0)
         if not wait:
+            self._reap()
             self._pending.append((ticket, staging))  # the staging tensor lives until the copies are done
             return 0
         return ticket.wait()
+
+    def _reap(self) -> None:
+        # Frees the staging tensors of saves already done, so saves that nobody flushes do not
+        # hold GPU memory; their tokens are counted into the next flush.
+        keep = []
+        for entry in self._pending:
+            if entry[0].ready():
+                try:
+                    self._reaped += entry[0].wait()
+                except kvortex.Error as e:
+                    self._errors.append(e)
+            else:
+                keep.append(entry)
+        self._pending = keep
 
     def saving_cache(self, input_ids: Any) -> Any:
         """A `DynamicCache` that stores the whole chunks of `input_ids` layer by layer while the
@@ -162,37 +181,56 @@ class PrefixStore:
                 return keys, values
 
         cache = _SavingCache(config=self.config)
-        cache._kvortex_save = {"ids": ids[:n], "n": n, "op": None, "staging": None, "done": set()}
+        cache._kvortex_save = {"ids": ids[:n], "n": n, "op": None, "staging": None, "done": set(), "failed": False}
         return cache
 
     def _save_layer(self, cache: Any, layer: int, keys: Any, values: Any) -> None:
         st = cache._kvortex_save
         n = st["n"]
-        if n == 0 or layer in st["done"] or keys.shape[0] != 1 or keys.shape[2] < n:
+        if keys.shape[0] != 1:
+            raise ValueError(f"PrefixStore.saving_cache: batch size 1 only, the forward pass has {keys.shape[0]}")
+        # Layers whose cache returns fewer than n tokens (sliding windows split over forwards) are
+        # never complete: the store is then not finished and nothing of it is published.
+        if n == 0 or st["failed"] or layer in st["done"] or keys.shape[2] < n:
             return
-        if st["op"] is None:
-            st["staging"] = self._staging(n, keys)
-            st["op"] = self.engine.begin_store(st["ids"], self._layout(st["staging"]))
-        self._plane(st["staging"], layer, 0).copy_(keys[0, :, :n])
-        self._plane(st["staging"], layer, 1).copy_(values[0, :, :n])
-        event = 0
-        if keys.is_cuda:
-            ev = torch.cuda.Event()
-            ev.record()
-            st.setdefault("events", []).append(ev)  # alive until the store is done
-            event = ev.cuda_event
-        st["op"].submit_layer(layer, event=event)
-        st["done"].add(layer)
-        if len(st["done"]) == self.layers:
-            self._pending.append((st["op"].finish(), (st["staging"], st.get("events"))))
+        try:
+            if st["op"] is None:
+                st["staging"] = self._staging(n, keys)
+                st["op"] = self.engine.begin_store(st["ids"], self._layout(st["staging"]))
+            self._plane(st["staging"], layer, 0).copy_(keys[0, :, :n])
+            self._plane(st["staging"], layer, 1).copy_(values[0, :, :n])
+            event = 0
+            if keys.is_cuda:
+                ev = torch.cuda.Event()
+                ev.record()
+                st.setdefault("events", []).append(ev)  # alive until the store is done
+                event = ev.cuda_event
+            st["op"].submit_layer(layer, event=event)
+            st["done"].add(layer)
+            if len(st["done"]) == self.layers:
+                self._reap()
+                self._pending.append((st["op"].finish(), (st["staging"], st.get("events"))))
+                st["op"] = None
+        except kvortex.Error as e:  # the forward pass goes on; the save is dropped (its layers rolled back)
+            _log.warning("kvortex layer-by-layer save failed: %s", e)
+            st["failed"] = True
             st["op"] = None
+            self._errors.append(e)
 
     def flush(self) -> int:
-        """Waits for the stores `save(wait=False)` and `saving_cache` queued; returns the tokens they wrote."""
-        done = 0
-        for ticket, _ in self._pending:
-            done += ticket.wait()
-        self._pending.clear()
+        """Waits for the stores `save(wait=False)` and `saving_cache` queued; returns the tokens they
+        wrote. Every store is waited for and forgotten; then the first error any of them (or a
+        layer-by-layer save since the last flush) met is raised, as `kvortex.Error`."""
+        done, self._reaped = self._reaped, 0
+        pending, self._pending = self._pending, []
+        for ticket, _ in pending:
+            try:
+                done += ticket.wait()
+            except kvortex.Error as e:
+                self._errors.append(e)
+        errors, self._errors = self._errors, []
+        if errors:
+            raise errors[0]
         return done
 
     def lookup(self, input_ids: Any) -> int:
@@ -210,7 +248,10 @@ class PrefixStore:
         tokens it holds (None and 0 on a miss). Run the model on `input_ids[hit:]` with it."""
         from transformers import DynamicCache
 
-        self.flush()
+        try:
+            self.flush()  # a save queued earlier may hold chunks of this prompt
+        except kvortex.Error as e:
+            _log.warning("kvortex save failed: %s", e)
         ids = self._ids(input_ids)
         hit = self._usable(self.engine.lookup(ids), len(ids))
         if hit == 0:
@@ -236,7 +277,8 @@ class PrefixStore:
         return cache, got
 
 
-_log = logging.getLogger("kvortex.integrations.transformers")
+_installed_lock = threading.Lock()
+_installed: List["PagedCacheStore"] = []  # at most one: the store whose cache class is in place
 
 
 class PagedCacheStore:
@@ -249,25 +291,31 @@ class PagedCacheStore:
     `PagedAttentionCache` class that `continuous_api` creates for a subclass with three overrides
     (transformers 5.17):
 
-    - `search_prefix_match(request_id, prompt_ids)`, which the scheduler calls once when a new
-      request is first scheduled: after transformers' own GPU match, the rest of the prompt (all but
-      its last token) is looked up in KVortex; blocks are allocated for the part found beyond the
-      GPU match, restored into the paged cache (synchronously, before the request's first forward
-      pass), marked complete (so transformers' prefix cache shares them too), and the match
-      returned covers them. A restore that comes back short (a chunk evicted or a tier failing
-      since the lookup) keeps what arrived, whole blocks only, and frees the rest.
+    - `search_prefix_match(request_id, prompt_ids)`, which the scheduler calls when it considers a
+      waiting request: after transformers' own GPU match, the rest of the prompt (all but its last
+      token) is looked up in KVortex (once per request: a miss is remembered). Blocks are allocated
+      for the part found beyond the GPU match and, once the work already queued on the device is
+      done (a request freed in this step may still be read or written by the batch in flight),
+      restored into the paged cache before the request's first forward pass, then marked complete
+      (so transformers' prefix cache shares them too); the match returned covers them. A restore
+      that comes back short (a chunk evicted or a tier failing since the lookup) keeps what
+      arrived, whole blocks only, and frees the rest. A lookup or restore that fails is a miss.
     - `mark_shareable_blocks_as_complete(state, n)`, called after each forward pass: the request's
-      leading complete blocks, in whole chunks, are stored (chunks KVortex holds are skipped).
+      leading complete blocks, in whole chunks, are stored (chunks KVortex holds are skipped); for a
+      request that just finished, every block its computed tokens fill.
     - `free_blocks(request_id)`: waits for that request's stores before its blocks can be reused.
 
     Hits are whole chunks and whole blocks (the least common multiple of `engine.chunk_tokens`
-    and the cache's `block_size`). The engine's geometry must match the model's KV (see
-    `engine_settings`). Caches that do not share prefixes (`allow_block_sharing=False`, sliding
-    window layers) or run tensor parallel are left as they are, with a warning, and
-    `stats()["disabled"]` says why. `salt` (bytes) separates this store's keys from every other
-    prompt's, e.g. per tenant."""
+    and the cache's `block_size`). The engine's geometry must match the model's (see
+    `engine_settings`). Only caches created for this store's model config (the object given here)
+    use KVortex. Caches that do not share prefixes (`allow_block_sharing=False`, sliding window
+    layers) or run tensor parallel are left as they are, with a warning, and `stats()["disabled"]`
+    says why. `salt` (bytes) separates this store's keys from every other prompt's, e.g. per
+    tenant. `store_generated=False` stores prompt tokens only. One store is installed at a time in
+    a process (`installed()` raises `RuntimeError` otherwise)."""
 
-    def __init__(self, engine: kvortex.Engine, config: Any, *, salt: Optional[bytes] = None):
+    def __init__(self, engine: kvortex.Engine, config: Any, *, salt: Optional[bytes] = None,
+                 store_generated: bool = True):
         self.engine = engine
         self.config = config
         self.layers, self.heads, self.dim = _kv_shape(config)
@@ -277,40 +325,49 @@ class PagedCacheStore:
                              f"{g['head_dim']}, the model has {self.layers} x {self.heads} x {self.dim}")
         self.chunk = engine.chunk_tokens
         self.salt = salt
+        self.store_generated = store_generated
         self._lock = threading.Lock()
-        self._pending: Dict[str, List[Any]] = {}  # request id -> store tickets still reading its blocks
-        self._stored_upto: Dict[str, int] = {}
-        self._stats = {"lookups": 0, "lookup_hit_tokens": 0, "restored_tokens": 0, "restored_requests": 0,
-                       "short_restores": 0, "no_free_blocks": 0, "stored_tokens": 0, "store_errors": 0,
-                       "disabled": ""}
+        # Keyed by (cache id, request id): two managers both name their requests req_0, req_1, ...
+        self._pending: Dict[Tuple[int, str], List[List[Any]]] = {}  # [ticket, counted] still reading blocks
+        self._stored_upto: Dict[Tuple[int, str], int] = {}
+        self._missed: Dict[Tuple[int, str], int] = {}  # prompt length a lookup found nothing more for
+        self._stats = {"lookups": 0, "lookup_hit_tokens": 0, "lookup_errors": 0, "restored_tokens": 0,
+                       "restored_requests": 0, "short_restores": 0, "no_free_blocks": 0, "stored_tokens": 0,
+                       "store_errors": 0, "disabled": ""}
 
     def stats(self) -> Dict[str, Any]:
-        """Counters: lookups made, tokens they found beyond the GPU match, tokens and requests
-        restored, restores that came back short, hits dropped for want of free blocks, tokens newly
-        stored, stores that failed, and why the store is disabled ("" when it is not)."""
+        """Counters: lookups made, tokens they found beyond the GPU match, lookups that failed,
+        tokens and requests restored, restores that came back short, hits dropped for want of free
+        blocks, tokens newly stored, stores that failed, and why the store was disabled for a cache
+        ("" when it never was)."""
         with self._lock:
             return dict(self._stats)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["PagedCacheStore"]:
-        """Paged caches transformers creates inside this block use KVortex (and keep using it
-        afterwards, e.g. a persistent manager's)."""
+        """Paged caches transformers creates inside this block for this store's model use KVortex
+        (and keep using it afterwards, e.g. a persistent manager's)."""
         from transformers.generation.continuous_batching import continuous_api
 
-        original = continuous_api.PagedAttentionCache
-        continuous_api.PagedAttentionCache = self._cache_class(original)
+        with _installed_lock:
+            if _installed:
+                raise RuntimeError("PagedCacheStore.installed(): another PagedCacheStore is installed")
+            original = continuous_api.PagedAttentionCache
+            continuous_api.PagedAttentionCache = self._cache_class(original)
+            _installed.append(self)
         try:
             yield self
         finally:
-            continuous_api.PagedAttentionCache = original
+            with _installed_lock:
+                continuous_api.PagedAttentionCache = original
+                _installed.clear()
 
     def flush(self) -> None:
-        """Waits for every store still in flight."""
+        """Waits for every store in flight (they stay registered until their request's blocks are freed)."""
         with self._lock:
-            pending = [t for ts in self._pending.values() for t in ts]
-            self._pending.clear()
-        for t in pending:
-            self._wait_store(t)
+            pending = [e for es in self._pending.values() for e in es]
+        for e in pending:
+            self._wait_store(e)
 
     # -- the overrides' bodies ------------------------------------------------------------------
 
@@ -319,34 +376,54 @@ class PagedCacheStore:
 
         class KVortexPagedAttentionCache(base):  # type: ignore[misc, valid-type]
             def __init__(self, *args: Any, **kwargs: Any) -> None:
+                config = kwargs.get("config", args[0] if args else None)
+                dtype = kwargs.get("dtype", args[5] if len(args) > 5 else None)
+                mine = store._owns(config)
+                if mine and dtype is not None:  # before the cache's memory is taken
+                    store._check_element(torch.empty((), dtype=dtype).element_size())
                 super().__init__(*args, **kwargs)
                 helper = kwargs.get("distributed_helper", args[3] if len(args) > 3 else None)
-                self._kvortex_layout = store._bind(self, getattr(helper, "tp_size", 1))
+                self._kvortex = store._bind(self, getattr(helper, "tp_size", 1)) if mine else None
 
             def search_prefix_match(self, request_id: str, prompt_ids: List[int]) -> int:
                 matched = super().search_prefix_match(request_id, prompt_ids)
-                if self._kvortex_layout is None:
+                if self._kvortex is None:
                     return matched
                 return store._extend_match(self, request_id, prompt_ids, matched)
 
             def mark_shareable_blocks_as_complete(self, state: Any, num_complete_blocks: int) -> None:
                 super().mark_shareable_blocks_as_complete(state, num_complete_blocks)
-                if self._kvortex_layout is not None:
+                if self._kvortex is not None:
                     store._store_complete(self, state)
 
             def free_blocks(self, request_id: str) -> None:
-                store._before_free(request_id)
+                if self._kvortex is not None:
+                    store._before_free(self, request_id)
                 super().free_blocks(request_id)
 
         KVortexPagedAttentionCache.__qualname__ = f"KVortex{base.__qualname__}"
         return KVortexPagedAttentionCache
+
+    def _owns(self, config: Any) -> bool:
+        if config is None:
+            return False
+        text = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        if config is self.config or config is text:
+            return True
+        _log.warning("kvortex PagedCacheStore: a paged cache for another model's config is left as it is")
+        return False
+
+    def _check_element(self, element: int) -> None:
+        if element != self.engine.geometry["element_bytes"]:
+            raise ValueError(f"PagedCacheStore: the paged cache has {element}-byte elements, the engine "
+                             f"{self.engine.geometry['element_bytes']}")
 
     def _disable(self, why: str) -> None:
         _log.warning("kvortex PagedCacheStore disabled: %s", why)
         with self._lock:
             self._stats["disabled"] = why
 
-    def _bind(self, cache: Any, tp_size: int) -> Optional[kvortex.Layout]:
+    def _bind(self, cache: Any, tp_size: int) -> Optional[Dict[str, Any]]:
         if not cache.use_prefix_sharing:
             self._disable("the paged cache does not share prefixes (allow_block_sharing off, or sliding-window layers)")
             return None
@@ -357,13 +434,10 @@ class PagedCacheStore:
             raise ValueError(f"PagedCacheStore: the paged cache holds {len(cache.key_cache)} layers x "
                              f"{cache.num_key_value_heads} KV heads x {cache.head_dim}, the engine {self.layers} x "
                              f"{self.heads} x {self.dim}")
-        element = cache.key_cache[0].element_size()
-        if element != self.engine.geometry["element_bytes"]:
-            raise ValueError(f"PagedCacheStore: the paged cache has {element}-byte elements, the engine "
-                             f"{self.engine.geometry['element_bytes']}")
-        self._block = int(cache.block_size)
-        self._unit = self.chunk * self._block // math.gcd(self.chunk, self._block)
-        return kvortex.split_kv_layout(cache.key_cache, cache.value_cache, block_tokens=self._block)
+        self._check_element(cache.key_cache[0].element_size())
+        block = int(cache.block_size)
+        return {"layout": kvortex.split_kv_layout(cache.key_cache, cache.value_cache, block_tokens=block),
+                "block": block, "unit": self.chunk * block // math.gcd(self.chunk, block)}
 
     def _count(self, **delta: int) -> None:
         with self._lock:
@@ -371,15 +445,27 @@ class PagedCacheStore:
                 self._stats[k] += v
 
     def _extend_match(self, cache: Any, request_id: str, prompt_ids: List[int], matched: int) -> int:
-        block, unit = self._block, self._unit
+        kv = cache._kvortex
+        block, unit = kv["block"], kv["unit"]
+        key = (id(cache), request_id)
         limit = len(prompt_ids) - 1  # the model computes at least the last prompt token
         if limit - matched < unit:
             return matched
+        with self._lock:
+            if self._missed.get(key) == len(prompt_ids):  # asked again while the request waits
+                return matched
         ids = torch.tensor(prompt_ids[:limit], dtype=torch.int64).numpy()
-        found = self.engine.lookup(ids, salt=self.salt)
+        try:
+            found = self.engine.lookup(ids, salt=self.salt)
+        except kvortex.Error as e:
+            _log.warning("kvortex lookup for request %s failed: %s", request_id, e)
+            self._count(lookup_errors=1)
+            found = 0
         hit = (min(found, limit) // unit) * unit
         self._count(lookups=1, lookup_hit_tokens=max(hit - matched, 0))
         if hit <= matched:
+            with self._lock:
+                self._missed[key] = len(prompt_ids)
             return matched
         cm = cache.group_cache_managers[0]
         first_new = matched // block
@@ -389,8 +475,12 @@ class PagedCacheStore:
             return matched
         blocks = cm.block_table[request_id]
         table = [-1] * first_new + blocks[first_new:first_new + want]
+        if torch.cuda.is_available() and cache.key_cache[0].is_cuda:
+            # The blocks may have been freed in this step while the batch still in flight (async
+            # batching, CPU offloading) reads or writes them: let that work finish first.
+            torch.cuda.synchronize(cache.key_cache[0].device)
         try:
-            got = self.engine.retrieve(ids[:hit], cache._kvortex_layout, table, salt=self.salt).wait()
+            got = self.engine.retrieve(ids[:hit], kv["layout"], table, salt=self.salt).wait()
         except kvortex.Error as e:
             _log.warning("kvortex restore of request %s failed: %s", request_id, e)
             got = 0
@@ -406,50 +496,72 @@ class PagedCacheStore:
                 num_complete_blocks=keep - first_new, allocated_blocks=blocks, prompt_ids=prompt_ids)
             self._count(restored_tokens=usable - matched, restored_requests=1)
             with self._lock:
-                self._stored_upto[request_id] = usable
+                self._stored_upto[key] = usable
         return usable
 
     def _store_complete(self, cache: Any, state: Any) -> None:
+        kv = cache._kvortex
+        block = kv["block"]
         rid = state.request_id
+        key = (id(cache), rid)
         blocks = cache.group_cache_managers[0].block_table.get(rid)
         if not blocks:
             return
+        with self._lock:
+            upto = self._stored_upto.get(key, 0)
         by_id = cache._block_manager._id_to_block
-        complete = 0
-        for b in blocks:
-            entry = by_id.get(b)
+        complete = min(upto // block, len(blocks))  # complete blocks never become incomplete again
+        while complete < len(blocks):
+            entry = by_id.get(blocks[complete])
             if entry is None or not entry.is_complete:
                 break
             complete += 1
-        tokens = ((complete * self._block) // self.chunk) * self.chunk
-        with self._lock:
-            if tokens <= self._stored_upto.get(rid, 0):
-                return
-            self._stored_upto[rid] = tokens
         seq = state.initial_tokens + state.generated_tokens
-        if len(seq) < tokens:
+        if getattr(state.status, "name", "") == "FINISHED":
+            # transformers marks no block of a finished request complete, though its KV is
+            # computed for every token but the last generated one.
+            complete = max(complete, min(len(blocks), (len(seq) - 1) // block))
+        tokens = complete * block
+        if not self.store_generated:
+            tokens = min(tokens, len(state.initial_tokens))
+        tokens = (tokens // self.chunk) * self.chunk
+        if tokens <= upto or len(seq) < tokens:
             return
+        with self._lock:
+            self._stored_upto[key] = tokens
         ids = torch.tensor(seq[:tokens], dtype=torch.int64).numpy()
-        table = blocks[: tokens // self._block]
+        table = blocks[: -(-tokens // block)]
         try:
-            ticket = self.engine.store(ids, cache._kvortex_layout, table, salt=self.salt)
+            ticket = self.engine.store(ids, kv["layout"], table, salt=self.salt)
         except kvortex.Error as e:
             _log.warning("kvortex store of request %s failed: %s", rid, e)
             self._count(store_errors=1)
             return
         with self._lock:
-            self._pending.setdefault(rid, []).append(ticket)
+            self._pending.setdefault(key, []).append([ticket, False])
 
-    def _wait_store(self, ticket: Any) -> None:
+    def _wait_store(self, entry: List[Any]) -> None:
         try:
-            self._count(stored_tokens=ticket.wait())
+            tokens = entry[0].wait()
         except kvortex.Error as e:
-            _log.warning("kvortex store failed: %s", e)
-            self._count(store_errors=1)
-
-    def _before_free(self, request_id: str) -> None:
+            tokens = None
+            err = e
         with self._lock:
-            pending = self._pending.pop(request_id, [])
-            self._stored_upto.pop(request_id, None)
-        for t in pending:
-            self._wait_store(t)
+            if entry[1]:
+                return
+            entry[1] = True
+            if tokens is None:
+                self._stats["store_errors"] += 1
+            else:
+                self._stats["stored_tokens"] += tokens
+        if tokens is None:
+            _log.warning("kvortex store failed: %s", err)
+
+    def _before_free(self, cache: Any, request_id: str) -> None:
+        key = (id(cache), request_id)
+        with self._lock:
+            pending = self._pending.pop(key, [])
+            self._stored_upto.pop(key, None)
+            self._missed.pop(key, None)
+        for e in pending:
+            self._wait_store(e)
