@@ -51,6 +51,15 @@ def _kv_shape(config: Any) -> Tuple[int, int, int]:
     return layers, heads, dim
 
 
+def _matching_shape(engine: kvortex.Engine, config: Any, who: str) -> Tuple[int, int, int]:
+    layers, heads, dim = _kv_shape(config)
+    g = engine.geometry
+    if (g["num_layers"], g["kv_heads"], g["head_dim"]) != (layers, heads, dim):
+        raise ValueError(f"{who}: the engine holds {g['num_layers']} layers x {g['kv_heads']} KV heads x "
+                         f"{g['head_dim']}, the model has {layers} x {heads} x {dim}")
+    return layers, heads, dim
+
+
 def engine_settings(config: Any, *, capacity_bytes: Any, dtype: torch.dtype = torch.bfloat16, chunk_tokens: int = 256,
                     model_id: str = "", **extra: Any) -> dict:
     """Settings for a `kvortex.Engine` that holds this model's KV (geometry from its config)."""
@@ -81,11 +90,7 @@ class PrefixStore:
         self.engine = engine
         self.config = config
         self.staging_order = staging
-        self.layers, self.heads, self.dim = _kv_shape(config)
-        g = engine.geometry
-        if (g["num_layers"], g["kv_heads"], g["head_dim"]) != (self.layers, self.heads, self.dim):
-            raise ValueError(f"PrefixStore: the engine holds {g['num_layers']} layers x {g['kv_heads']} KV heads x "
-                             f"{g['head_dim']}, the model has {self.layers} x {self.heads} x {self.dim}")
+        self.layers, self.heads, self.dim = _matching_shape(engine, config, "PrefixStore")
         self.chunk = engine.chunk_tokens
         self._pending: List[Any] = []  # (ticket, staging): stores still reading their staging tensors
         self._reaped = 0  # tokens of saves done before a flush saw them
@@ -318,11 +323,7 @@ class PagedCacheStore:
                  store_generated: bool = True):
         self.engine = engine
         self.config = config
-        self.layers, self.heads, self.dim = _kv_shape(config)
-        g = engine.geometry
-        if (g["num_layers"], g["kv_heads"], g["head_dim"]) != (self.layers, self.heads, self.dim):
-            raise ValueError(f"PagedCacheStore: the engine holds {g['num_layers']} layers x {g['kv_heads']} KV heads x "
-                             f"{g['head_dim']}, the model has {self.layers} x {self.heads} x {self.dim}")
+        self.layers, self.heads, self.dim = _matching_shape(engine, config, "PagedCacheStore")
         self.chunk = engine.chunk_tokens
         self.salt = salt
         self.store_generated = store_generated
