@@ -5,7 +5,7 @@ alone) stored. A Llama-3-8B-shaped model (32 layers, hidden 4096, 32 heads, 8 KV
 from a LlamaConfig with random bf16 weights (nothing downloaded). For each prompt length:
   - full:    TTFT of a full prefill (the last token's logits, synchronized);
   - hit:     TTFT when the prompt's prefix is in KVortex (the GPU stack, pinned host memory):
-             lookup, layer-by-layer retrieve into a staging tensor, DynamicCache from views, and the
+             lookup, layer-by-layer retrieve into a staging tensor, DynamicCache built from it, and the
              forward pass over the uncached tail (the last chunk: the last token is never restored);
   - miss overhead: a prefill that also saves its KV (after the forward pass, or layer by layer
              during it), against the prefill alone.
@@ -76,8 +76,6 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tail", type=int, default=1,
                     help="new tokens after the stored prefix (the request is prefix + tail; 1: one new token)")
-    ap.add_argument("--staging", choices=["hnd", "nhd"], default="hnd",
-                    help="PrefixStore's staging order (nhd: one contiguous run per chunk, layer and plane)")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
 
@@ -90,7 +88,7 @@ def main():
     settings = engine_settings(cfg, capacity_bytes=int(max_len * kv_bytes * 1.5) + (1 << 30), chunk_tokens=args.chunk,
                                model_id="bench/llama-3-8b-random")
     with kvortex.Engine(settings, stack="gpu") as engine:
-        store = PrefixStore(engine, cfg, staging=args.staging)
+        store = PrefixStore(engine, cfg)
         for n in args.lengths:
             prompt = torch.randint(0, cfg.vocab_size, (1, n + args.tail), device="cuda")
             prefix_ids = prompt[:, :n]
@@ -161,7 +159,7 @@ def main():
             del pre
 
             r = {
-                "gpu": gpu, "staging": args.staging, "tokens": n + args.tail, "restored_tokens": hit, "tail_tokens": n + args.tail - hit,
+                "gpu": gpu, "tokens": n + args.tail, "restored_tokens": hit, "tail_tokens": n + args.tail - hit,
                 "ttft_full_ms": full_s * 1e3, "ttft_hit_ms": hit_s * 1e3, "speedup": full_s / hit_s,
                 "restore_ms": restore_s * 1e3,
                 "restore_GBps": hit * kv_bytes / restore_s / 1e9,
@@ -180,8 +178,7 @@ def main():
             del full, hit_out
             torch.cuda.empty_cache()
 
-    print(f"\n{gpu}, Llama-3-8B-shaped ({args.layers} layers, random bf16 weights), chunk {args.chunk} tokens, "
-          f"{args.staging} staging, median of {args.reps}\n")
+    print(f"\n{gpu}, Llama-3-8B-shaped ({args.layers} layers, random bf16 weights), chunk {args.chunk} tokens, median of {args.reps}\n")
     print("| prompt tokens | TTFT full prefill | TTFT with KVortex hit | speedup | bound (DMA + tail) | hit / bound | restored / tail tokens | restore (GB/s) | save on a miss: after / during the prefill | logits |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:

@@ -191,6 +191,9 @@ class kv_layout {
         if (keys[l] == nullptr || values[l] == nullptr)
           return fail(errc::invalid_layout, std::string("split_kv layout: ") + (keys[l] == nullptr ? "keys[" : "values[") +
                                                 std::to_string(l) + "] is null");
+      if (keys.size() != g.num_layers || g.num_layers > std::numeric_limits<std::uint32_t>::max() / 2)
+        return fail(errc::invalid_layout, "split_kv layout: " + std::to_string(keys.size()) +
+                                              " layer tensors for a geometry of " + std::to_string(g.num_layers) + " layers");
       // Validated as 2L single-plane layers [k0, v0, k1, v1, ...]: the same checks, one extent per tensor.
       std::vector<std::byte*> planes;
       planes.reserve(2 * keys.size());
@@ -200,10 +203,7 @@ class kv_layout {
       }
       kv_geometry one = g;
       one.kv_planes = 1;
-      one.num_layers = static_cast<std::uint32_t>(std::min<std::size_t>(planes.size(), std::numeric_limits<std::uint32_t>::max()));
-      if (planes.size() != std::size_t{2} * g.num_layers)
-        return fail(errc::invalid_layout, "split_kv layout: " + std::to_string(keys.size()) +
-                                              " layer tensors for a geometry of " + std::to_string(g.num_layers) + " layers");
+      one.num_layers = 2 * g.num_layers;
       if (auto v = check_sizes(g, num_blocks, block_tokens, 0, "split_kv"); !v) return std::unexpected(v.error());
       const std::size_t row = g.row_bytes();
       const auto hb = static_cast<std::int64_t>(std::size_t{g.head_dim} * g.element_bytes);

@@ -26,11 +26,10 @@ def model():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("staging", ["hnd", "nhd"])
-def test_restored_prefix_gives_the_same_first_token_logits(model, staging):
+def test_restored_prefix_gives_the_same_first_token_logits(model):
     cfg = model.config
     with kvortex.Engine(engine_settings(cfg, capacity_bytes="512MiB", chunk_tokens=64), stack="gpu") as engine:
-        store = PrefixStore(engine, cfg, staging=staging)
+        store = PrefixStore(engine, cfg)
         prompt = torch.randint(0, cfg.vocab_size, (1, 300), device="cuda")
         prefix = 256
         out = model(prompt[:, :prefix], use_cache=True)

@@ -35,6 +35,7 @@ import contextlib
 import logging
 import math
 import threading
+import weakref
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -79,20 +80,14 @@ def engine_settings(config: Any, *, capacity_bytes: Any, dtype: torch.dtype = to
 
 class PrefixStore:
     """Saves and restores a `DynamicCache`'s prompt prefix through a `kvortex.Engine` whose
-    geometry matches the model (see `engine_settings`). `staging` picks the staging tensor's
-    order: ``"hnd"`` (restored K and V are contiguous ``[1, kv_heads, tokens, head_dim]``, as
-    transformers makes them) or ``"nhd"`` (each chunk's K or V of a layer is one contiguous run, the
-    fastest copies). Either way transformers copies the restored K and V into its own tensors."""
+    geometry matches the model (see `engine_settings`)."""
 
-    def __init__(self, engine: kvortex.Engine, config: Any, *, staging: str = "hnd"):
-        if staging not in ("hnd", "nhd"):
-            raise ValueError(f"PrefixStore: staging must be 'hnd' or 'nhd', got {staging!r}")
+    def __init__(self, engine: kvortex.Engine, config: Any):
         self.engine = engine
         self.config = config
-        self.staging_order = staging
         self.layers, self.heads, self.dim = _matching_shape(engine, config, "PrefixStore")
         self.chunk = engine.chunk_tokens
-        self._pending: List[Any] = []  # (ticket, staging): stores still reading their staging tensors
+        self._pending: List[Any] = []  # (ticket, (staging, events)): stores still reading their staging tensors
         self._reaped = 0  # tokens of saves done before a flush saw them
         self._errors: List[Exception] = []
 
@@ -105,23 +100,30 @@ class PrefixStore:
         return input_ids
 
     def _staging(self, tokens: int, like: torch.Tensor) -> torch.Tensor:
-        # Per layer one block holding every token: [layers, K|V, heads, tokens, dim] (HND) or
-        # [layers, K|V, tokens, heads, dim] (NHD: a chunk's rows are one contiguous run per plane).
-        shape = (self.heads, tokens) if self.staging_order == "hnd" else (tokens, self.heads)
-        return torch.empty((self.layers, 2, *shape, self.dim), dtype=like.dtype, device=like.device)
-
-    def _plane(self, staging: torch.Tensor, layer: int, plane: int) -> torch.Tensor:
-        # A [heads, tokens, dim] view, as transformers keeps one sequence's K or V.
-        v = staging[layer, plane]
-        return v if self.staging_order == "hnd" else v.transpose(0, 1)
+        # [layers, K|V, heads, tokens, dim]: per layer one HND block holding every token.
+        return torch.empty((self.layers, 2, self.heads, tokens, self.dim), dtype=like.dtype, device=like.device)
 
     def _layout(self, staging: torch.Tensor) -> kvortex.Layout:
-        # Seen as a FlashAttention cache of one block of `tokens` slots.
-        if self.staging_order == "hnd":
-            views = [staging[i].unsqueeze(1).transpose(2, 3) for i in range(self.layers)]  # [2, 1, tokens, heads, dim]
-        else:
-            views = [staging[i].unsqueeze(1) for i in range(self.layers)]
+        # Seen as a FlashAttention cache of one block of `tokens` slots, stored HND.
+        views = [staging[i].unsqueeze(1).transpose(2, 3) for i in range(self.layers)]  # [2, 1, tokens, heads, dim]
         return kvortex.flash_attn_layout(views)
+
+    @staticmethod
+    def _stage(staging: torch.Tensor, layer: int, keys: Any, values: Any, n: int) -> Optional[Any]:
+        # Copies one layer's first n tokens into the staging tensor on the current stream; returns
+        # the CUDA event a store of them must wait for (None on the host).
+        staging[layer, 0].copy_(keys[0, :, :n])  # [heads, seq, dim]
+        staging[layer, 1].copy_(values[0, :, :n])
+        if not staging.is_cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record()
+        return ev
+
+    def _queue(self, ticket: Any, keep: Any) -> None:
+        # `keep` (the staging tensor, the events) lives until the copies are done.
+        self._reap()
+        self._pending.append((ticket, keep))
 
     def save(self, input_ids: Any, cache: Any, *, wait: bool = True) -> int:
         """Stores the KV of the whole chunks of `input_ids` held in `cache` (a `DynamicCache` after a
@@ -139,16 +141,12 @@ class PrefixStore:
         if first.shape[0] != 1 or first.shape[2] < n:
             raise ValueError(f"PrefixStore.save: cache keys of shape {list(first.shape)} do not hold {n} tokens of one sequence")
         staging = self._staging(n, first)
+        event = None
         for i, layer in enumerate(layers):
-            self._plane(staging, i, 0).copy_(layer.keys[0, :, :n])  # [heads, seq, dim]
-            self._plane(staging, i, 1).copy_(layer.values[0, :, :n])
-        event = torch.cuda.Event() if staging.is_cuda else None
-        if event is not None:
-            event.record()
+            event = self._stage(staging, i, layer.keys, layer.values, n)  # the last layer's event covers all
         ticket = self.engine.store(ids[:n], self._layout(staging), None, event.cuda_event if event is not None else 0)
         if not wait:
-            self._reap()
-            self._pending.append((ticket, staging))  # the staging tensor lives until the copies are done
+            self._queue(ticket, (staging, event))
             return 0
         return ticket.wait()
 
@@ -186,7 +184,8 @@ class PrefixStore:
                 return keys, values
 
         cache = _SavingCache(config=self.config)
-        cache._kvortex_save = {"ids": ids[:n], "n": n, "op": None, "staging": None, "done": set(), "failed": False}
+        cache._kvortex_save = {"ids": ids[:n], "n": n, "op": None, "staging": None, "done": set(), "failed": False,
+                               "events": []}
         return cache
 
     def _save_layer(self, cache: Any, layer: int, keys: Any, values: Any) -> None:
@@ -202,19 +201,12 @@ class PrefixStore:
             if st["op"] is None:
                 st["staging"] = self._staging(n, keys)
                 st["op"] = self.engine.begin_store(st["ids"], self._layout(st["staging"]))
-            self._plane(st["staging"], layer, 0).copy_(keys[0, :, :n])
-            self._plane(st["staging"], layer, 1).copy_(values[0, :, :n])
-            event = 0
-            if keys.is_cuda:
-                ev = torch.cuda.Event()
-                ev.record()
-                st.setdefault("events", []).append(ev)  # alive until the store is done
-                event = ev.cuda_event
-            st["op"].submit_layer(layer, event=event)
+            event = self._stage(st["staging"], layer, keys, values, n)
+            st["events"].append(event)
+            st["op"].submit_layer(layer, event=event.cuda_event if event is not None else 0)
             st["done"].add(layer)
             if len(st["done"]) == self.layers:
-                self._reap()
-                self._pending.append((st["op"].finish(), (st["staging"], st.get("events"))))
+                self._queue(st["op"].finish(), (st["staging"], st["events"]))
                 st["op"] = None
         except kvortex.Error as e:  # the forward pass goes on; the save is dropped (its layers rolled back)
             _log.warning("kvortex layer-by-layer save failed: %s", e)
@@ -271,10 +263,9 @@ class PrefixStore:
         got = (got // self.chunk) * self.chunk
         if got == 0:
             return None, 0
-        if got < hit:  # a tier could not deliver everything: keep what came, contiguous
-            staging = (staging[:, :, :, :got] if self.staging_order == "hnd" else staging[:, :, :got]).contiguous()
-        pairs = [(self._plane(staging, i, 0).unsqueeze(0), self._plane(staging, i, 1).unsqueeze(0))
-                 for i in range(self.layers)]
+        if got < hit:  # a tier could not deliver everything: keep what came
+            staging = staging[:, :, :, :got]
+        pairs = [(staging[i, 0].unsqueeze(0), staging[i, 1].unsqueeze(0)) for i in range(self.layers)]
         try:
             cache = DynamicCache(ddp_cache_data=pairs, config=self.config)
         except TypeError:
@@ -283,7 +274,7 @@ class PrefixStore:
 
 
 _installed_lock = threading.Lock()
-_installed: List["PagedCacheStore"] = []  # at most one: the store whose cache class is in place
+_installed: Optional["PagedCacheStore"] = None  # the store whose cache class is in place
 
 
 class PagedCacheStore:
@@ -328,10 +319,7 @@ class PagedCacheStore:
         self.salt = salt
         self.store_generated = store_generated
         self._lock = threading.Lock()
-        # Keyed by (cache id, request id): two managers both name their requests req_0, req_1, ...
-        self._pending: Dict[Tuple[int, str], List[List[Any]]] = {}  # [ticket, counted] still reading blocks
-        self._stored_upto: Dict[Tuple[int, str], int] = {}
-        self._missed: Dict[Tuple[int, str], int] = {}  # prompt length a lookup found nothing more for
+        self._caches: "weakref.WeakSet[Any]" = weakref.WeakSet()  # the paged caches bound to this store
         self._stats = {"lookups": 0, "lookup_hit_tokens": 0, "lookup_errors": 0, "restored_tokens": 0,
                        "restored_requests": 0, "short_restores": 0, "no_free_blocks": 0, "stored_tokens": 0,
                        "store_errors": 0, "disabled": ""}
@@ -350,23 +338,24 @@ class PagedCacheStore:
         (and keep using it afterwards, e.g. a persistent manager's)."""
         from transformers.generation.continuous_batching import continuous_api
 
+        global _installed
         with _installed_lock:
-            if _installed:
+            if _installed is not None:
                 raise RuntimeError("PagedCacheStore.installed(): another PagedCacheStore is installed")
             original = continuous_api.PagedAttentionCache
             continuous_api.PagedAttentionCache = self._cache_class(original)
-            _installed.append(self)
+            _installed = self
         try:
             yield self
         finally:
             with _installed_lock:
                 continuous_api.PagedAttentionCache = original
-                _installed.clear()
+                _installed = None
 
     def flush(self) -> None:
         """Waits for every store in flight (they stay registered until their request's blocks are freed)."""
         with self._lock:
-            pending = [e for es in self._pending.values() for e in es]
+            pending = [e for c in self._caches for es in c._kvortex["pending"].values() for e in es]
         for e in pending:
             self._wait_store(e)
 
@@ -437,8 +426,13 @@ class PagedCacheStore:
                              f"{self.heads} x {self.dim}")
         self._check_element(cache.key_cache[0].element_size())
         block = int(cache.block_size)
+        with self._lock:
+            self._caches.add(cache)
+        # Per request id: store tickets [ticket, counted] still reading its blocks, tokens stored
+        # (or restored) so far, and the prompt length a lookup found nothing more for.
         return {"layout": kvortex.split_kv_layout(cache.key_cache, cache.value_cache, block_tokens=block),
-                "block": block, "unit": self.chunk * block // math.gcd(self.chunk, block)}
+                "block": block, "unit": self.chunk * block // math.gcd(self.chunk, block),
+                "pending": {}, "stored_upto": {}, "missed": {}}
 
     def _count(self, **delta: int) -> None:
         with self._lock:
@@ -448,12 +442,11 @@ class PagedCacheStore:
     def _extend_match(self, cache: Any, request_id: str, prompt_ids: List[int], matched: int) -> int:
         kv = cache._kvortex
         block, unit = kv["block"], kv["unit"]
-        key = (id(cache), request_id)
         limit = len(prompt_ids) - 1  # the model computes at least the last prompt token
         if limit - matched < unit:
             return matched
         with self._lock:
-            if self._missed.get(key) == len(prompt_ids):  # asked again while the request waits
+            if kv["missed"].get(request_id) == len(prompt_ids):  # asked again while the request waits
                 return matched
         ids = torch.tensor(prompt_ids[:limit], dtype=torch.int64).numpy()
         try:
@@ -466,7 +459,7 @@ class PagedCacheStore:
         self._count(lookups=1, lookup_hit_tokens=max(hit - matched, 0))
         if hit <= matched:
             with self._lock:
-                self._missed[key] = len(prompt_ids)
+                kv["missed"][request_id] = len(prompt_ids)
             return matched
         cm = cache.group_cache_managers[0]
         first_new = matched // block
@@ -476,7 +469,7 @@ class PagedCacheStore:
             return matched
         blocks = cm.block_table[request_id]
         table = [-1] * first_new + blocks[first_new:first_new + want]
-        if torch.cuda.is_available() and cache.key_cache[0].is_cuda:
+        if cache.key_cache[0].is_cuda:
             # The blocks may have been freed in this step while the batch still in flight (async
             # batching, CPU offloading) reads or writes them: let that work finish first.
             torch.cuda.synchronize(cache.key_cache[0].device)
@@ -497,19 +490,18 @@ class PagedCacheStore:
                 num_complete_blocks=keep - first_new, allocated_blocks=blocks, prompt_ids=prompt_ids)
             self._count(restored_tokens=usable - matched, restored_requests=1)
             with self._lock:
-                self._stored_upto[key] = usable
+                kv["stored_upto"][request_id] = usable
         return usable
 
     def _store_complete(self, cache: Any, state: Any) -> None:
         kv = cache._kvortex
         block = kv["block"]
         rid = state.request_id
-        key = (id(cache), rid)
         blocks = cache.group_cache_managers[0].block_table.get(rid)
         if not blocks:
             return
         with self._lock:
-            upto = self._stored_upto.get(key, 0)
+            upto = kv["stored_upto"].get(rid, 0)
         by_id = cache._block_manager._id_to_block
         complete = min(upto // block, len(blocks))  # complete blocks never become incomplete again
         while complete < len(blocks):
@@ -529,7 +521,7 @@ class PagedCacheStore:
         if tokens <= upto or len(seq) < tokens:
             return
         with self._lock:
-            self._stored_upto[key] = tokens
+            kv["stored_upto"][rid] = tokens
         ids = torch.tensor(seq[:tokens], dtype=torch.int64).numpy()
         table = blocks[: -(-tokens // block)]
         try:
@@ -539,7 +531,7 @@ class PagedCacheStore:
             self._count(store_errors=1)
             return
         with self._lock:
-            self._pending.setdefault(key, []).append([ticket, False])
+            kv["pending"].setdefault(rid, []).append([ticket, False])
 
     def _wait_store(self, entry: List[Any]) -> None:
         try:
@@ -559,10 +551,10 @@ class PagedCacheStore:
             _log.warning("kvortex store failed: %s", err)
 
     def _before_free(self, cache: Any, request_id: str) -> None:
-        key = (id(cache), request_id)
+        kv = cache._kvortex
         with self._lock:
-            pending = self._pending.pop(key, [])
-            self._stored_upto.pop(key, None)
-            self._missed.pop(key, None)
+            pending = kv["pending"].pop(request_id, [])
+            kv["stored_upto"].pop(request_id, None)
+            kv["missed"].pop(request_id, None)
         for e in pending:
             self._wait_store(e)
